@@ -1,4 +1,6 @@
-"""The exceptions a user can cause. Each carries one clear sentence: what, which file, why, what to do.
+"""The exceptions a user can cause.
+
+Each carries one clear sentence: what, which file, why, what to do.
 
 The CLI catches :class:`MiniGPT4Error` and prints its message on one line (exit code 2), so any
 error raised with one of these classes reaches a student as a sentence, not a traceback.
@@ -14,11 +16,11 @@ class ImageLoadError(MiniGPT4Error, ValueError):
 
 
 class CheckpointError(MiniGPT4Error, ValueError):
-    """A checkpoint is missing, unsafe, truncated, or does not match the model (names the tensor)."""
+    """A checkpoint is missing, unsafe, truncated, or does not match the model (names tensors)."""
 
 
 class DataError(MiniGPT4Error, ValueError):
-    """A data file is malformed, an entry is broken, or a dataset is empty (names file and entry)."""
+    """A data file is malformed, an entry is broken, or a dataset is empty (names file, entry)."""
 
 
 class ConfigError(MiniGPT4Error, ValueError):

@@ -1,0 +1,180 @@
+"""Configuration dataclasses and the presets (`tiny`, `minigpt4-7b`, `minigpt4-13b`).
+
+A config is a plain dataclass: no YAML, no registry. It is saved as JSON next to the weights with a
+`version` field; loading ignores unknown keys with a warning so that old folders keep loading.
+The real presets store the architecture numbers of EVA-CLIP ViT-g, the BLIP-2 Q-Former and
+Vicuna (REFERENCE.md "Architecture"), so that `info` can build them on the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONFIG_VERSION = 1
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass
+class VisionConfig:
+    """The ViT (EVA style, as in BLIP-2's `Blip2VisionModel`) and its final `ln_vision`."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1408
+    layers: int = 39  # ViT-g has 40 blocks; BLIP-2 drops the last one
+    heads: int = 16
+    mlp: int = 6144
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class QFormerConfig:
+    """The BLIP-2 Q-Former: BERT layers over learned queries, cross-attending to the image."""
+
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp: int = 3072
+    cross_attention_every: int = 2  # cross-attention in layers 0, 2, 4, ...
+    num_query_tokens: int = 32
+    layer_norm_eps: float = 1e-12
+
+
+@dataclass
+class MiniGPT4Config:
+    """Everything needed to build a `MiniGPT4` model (paper Sec. 3, Fig. 1).
+
+    `llm` names any transformers causal LM (hub id or local folder); `llm_arch` holds its
+    `LlamaConfig` numbers so that the model can be built on the meta device without a download.
+    `vision_qformer` names an HF BLIP-2 checkpoint (or our own folder) for the frozen visual path.
+    """
+
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: str = ""
+    llm_arch: dict = field(default_factory=dict)
+    vision_qformer: str = ""
+    projection_checkpoint: str = ""
+    # Variants used by the paper's ablations (Table 5); plain fields, no registry.
+    projection: str = "linear"  # "linear" (MiniGPT-4) or "mlp" (3 layers)
+    use_qformer: bool = True  # False: project ViT tokens directly, 4 adjacent tokens concatenated
+    freeze_qformer: bool = True
+    # Sequence building (REFERENCE.md "Sequence layout and loss").
+    max_txt_len: int = 32
+    end_sym: str = "\n"
+    # How to load the LLM: "none" (bf16/fp16/fp32 as `dtype`), "8bit" or "4bit" (bitsandbytes).
+    quantization: str = "none"
+    dtype: str = "float32"
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = _from_dict(VisionConfig, self.vision)
+        if isinstance(self.qformer, dict):
+            self.qformer = _from_dict(QFormerConfig, self.qformer)
+        if self.projection not in ("linear", "mlp"):
+            raise ConfigError(f"projection must be 'linear' or 'mlp', got {self.projection!r}.")
+        if self.quantization not in ("none", "8bit", "4bit"):
+            raise ConfigError(
+                f"quantization must be 'none', '8bit' or '4bit', got {self.quantization!r}."
+            )
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """How many LLM input embeddings one image becomes (32 for MiniGPT-4)."""
+        if self.use_qformer:
+            return self.qformer.num_query_tokens
+        return -(-self.vision.num_patches // 4)  # 4 adjacent patch tokens per LLM token
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MiniGPT4Config":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"Cannot read the config {path}: {e}.") from e
+        return _from_dict(cls, data)
+
+
+def _from_dict(cls, data: dict):
+    """Build a dataclass from a dict, ignoring (with a warning) keys this version does not know."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        log.warning("Ignoring unknown %s keys: %s", cls.__name__, ", ".join(unknown))
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --- The LLaMA architectures of Vicuna v0 -------------------------------------------------------
+# Vicuna v0 (the LLM of the first MiniGPT-4 release) has 32,001 embedding rows: FastChat added one
+# pad token to LLaMA's 32,000. So the 7B LLM has 6,738,415,616 + 2 x 4096 = 6,738,423,808
+# parameters (embedding and output rows); LLaMA-7B at 32,000 tokens has 6,738,415,616.
+VICUNA_7B = dict(
+    vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+)
+VICUNA_13B = dict(VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                  num_attention_heads=40)
+
+# The tiny "ToyWorld" backbones shipped in assets/ (built by `build_assets.py`).
+TINY_VISION = VisionConfig(image_size=60, patch_size=10, width=128, layers=4, heads=4, mlp=512)
+TINY_QFORMER = QFormerConfig(hidden=128, layers=4, heads=4, mlp=512, num_query_tokens=9,
+                             layer_norm_eps=1e-12)
+
+
+def preset(name: str, **overrides) -> MiniGPT4Config:
+    """The named configuration, with any field overridden by keyword.
+
+    - `tiny`: the embedded ToyWorld default in `assets/` (works offline on a CPU).
+    - `minigpt4-7b` / `minigpt4-13b`: BLIP-2 (FlanT5-XXL) ViT-g + Q-Former, Vicuna v0 7B/13B,
+      and the official projection checkpoints; any hub id can be replaced by a local path.
+    """
+    if name == "tiny":
+        cfg = MiniGPT4Config(
+            name="tiny", vision=dataclasses.replace(TINY_VISION),
+            qformer=dataclasses.replace(TINY_QFORMER),
+            llm=str(ASSETS / "llm"), vision_qformer=str(ASSETS / "vision_qformer"),
+            projection_checkpoint=str(ASSETS / "projections" / "stage2"),
+        )
+    elif name in ("minigpt4-7b", "minigpt4-13b"):
+        big = name == "minigpt4-13b"
+        cfg = MiniGPT4Config(
+            name=name,
+            llm="lmsys/vicuna-13b-v0" if big else "lmsys/vicuna-7b-v0",  # merged v0 weights
+            llm_arch=dict(VICUNA_13B if big else VICUNA_7B),
+            vision_qformer="Salesforce/blip2-flan-t5-xxl",
+            projection_checkpoint="pretrained_minigpt4.pth" if big else "prerained_minigpt4_7b.pth",
+            dtype="float16",
+        )
+    else:
+        raise ConfigError(
+            f"Unknown preset {name!r}; choose one of: tiny, minigpt4-7b, minigpt4-13b."
+        )
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise ConfigError(f"MiniGPT4Config has no field {key!r}.")
+        setattr(cfg, key, value)
+    cfg.__post_init__()
+    return cfg
+
+
+PRESETS = ("tiny", "minigpt4-7b", "minigpt4-13b")
