@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from .errors import MiniGPT4Error
 
@@ -29,6 +30,84 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _load(args, projection: str | None = None):
+    """The model of `--preset`, with `--vision-qformer`, `--llm`, `--projection` overrides."""
+    from .checkpoints import load_model
+    from .config import preset
+
+    overrides = {k: v for k, v in (("vision_qformer", getattr(args, "vision_qformer", None)),
+                                   ("llm", getattr(args, "llm", None)),
+                                   ("quantization", getattr(args, "quantization", None)))
+                 if v}
+    cfg = preset(args.preset, **overrides)
+    device = getattr(args, "device", None) or ("cuda" if _cuda() else "cpu")
+    return load_model(cfg, device=device, projection=projection)
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def cmd_demo(args) -> int:
+    """Stage 1, stage 2 and the Table-3 evaluation on the embedded ToyWorld default."""
+    from .pipeline import run_demo
+
+    metrics = run_demo(args.out, n_eval=args.n_eval, seed=args.seed)
+    print(metrics["table"])
+    print(f"\nseconds: {json.dumps(metrics['seconds'])}")
+    print(f"metrics written to {args.out}/metrics.json")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .data import CCSBUAlignDataset, JsonlDataset, ToyWorldDataset, WebDatasetCaptions
+    from .train import recipe, train
+
+    model = _load(args, projection=args.init_projection or "")
+    if args.data == "toyworld":
+        dataset = ToyWorldDataset(args.stage, args.n_scenes, seed=args.seed)
+    elif args.data.endswith(".jsonl"):
+        dataset = JsonlDataset(args.data, stage=args.stage, skip_bad=args.skip_bad)
+    elif args.data.endswith(".tar") or "{" in args.data:
+        dataset = WebDatasetCaptions(args.data, skip_bad=args.skip_bad)
+    else:
+        dataset = CCSBUAlignDataset(args.data, skip_bad=args.skip_bad)
+    name = f"{args.recipe}-stage{args.stage}"
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                   ("lr", args.lr), ("grad_accum", args.grad_accum),
+                                   ("precision", args.precision)) if v is not None}
+    cfg = recipe(name, out_dir=args.out, seed=args.seed, save_every=args.save_every, **overrides)
+    history = train(model, dataset, cfg)
+    if history:
+        print(f"stage {args.stage}: {len(history)} steps, final loss {history[-1]['loss']:.4f}; "
+              f"projection saved in {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import toyworld as tw
+    from .evaluate import evaluate, table3
+
+    model = _load(args, projection=args.projection)
+    scenes = tw.make_scenes("heldout", args.n_eval)
+    result = evaluate(model, scenes, registers=args.registers.split(","))
+    print(table3({args.projection or "preset": result}))
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_build_assets(args) -> int:
+    from .build_assets import BuildConfig, build
+
+    report = build(args.out, BuildConfig(device=args.device, steps_scale=args.steps_scale,
+                                         seed=args.seed))
+    print(json.dumps({k: v for k, v in report.items() if k != "sha256"}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
@@ -41,12 +120,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
-    for add in _EXTRA_COMMANDS:
-        add(sub)
+    p = sub.add_parser("demo", help="the main job: stage 1, stage 2, Table-3 evaluation (CPU)")
+    p.add_argument("--out", default="runs/demo", help="folder for projections and metrics.json")
+    p.add_argument("--n-eval", type=int, default=200, help="held-out scenes to evaluate on")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train the projection for one stage")
+    _model_options(p)
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    p.add_argument("--data", default="toyworld",
+                   help="'toyworld', a cc_sbu_align folder, a .jsonl file, or webdataset shards "
+                        "(a .tar path or a brace pattern such as 'shards/{000..009}.tar')")
+    p.add_argument("--recipe", default="tiny", choices=("tiny", "paper"),
+                   help="step counts and learning rates: the tiny preset's or the paper's")
+    p.add_argument("--out", required=True, help="folder for checkpoint.safetensors and the "
+                   "exported projection; an existing checkpoint there is resumed")
+    p.add_argument("--init-projection", help="start from this projection (e.g. stage 1's)")
+    p.add_argument("--n-scenes", type=int, default=5000, help="ToyWorld training scenes")
+    p.add_argument("--steps", type=int, help="override the recipe's number of steps")
+    p.add_argument("--batch-size", type=int, help="override the per-process batch size")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, help="override the peak learning rate")
+    p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"))
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) broken samples")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate on held-out ToyWorld scenes (Table-3 metrics)")
+    _model_options(p)
+    p.add_argument("--projection", help="projection folder/file (default: the preset's)")
+    p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--registers", default="caption,detailed,poem,qa",
+                   help="comma-separated: caption, detailed, poem, qa")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("build-assets", help="rebuild assets/ (tokenizer, tiny LLM, ViT+Q-Former)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="scale every step count (small values: a quick miniature build)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_build_assets)
     return parser
 
 
-_EXTRA_COMMANDS: list = []  # filled by the modules that add subcommands (see below)
+def _model_options(p) -> None:
+    from .config import PRESETS
+
+    p.add_argument("--preset", default="tiny", choices=PRESETS)
+    p.add_argument("--vision-qformer", help="HF BLIP-2 checkpoint (hub id or folder)")
+    p.add_argument("--llm", help="HF causal LM with its tokenizer (hub id or folder)")
+    p.add_argument("--quantization", choices=("none", "8bit", "4bit"),
+                   help="load the LLM in 8/4-bit with bitsandbytes")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
 
 
 def main(argv: list[str] | None = None) -> int:

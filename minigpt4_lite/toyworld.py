@@ -455,3 +455,39 @@ def mentioned_objects(text: str) -> set[tuple[str, str]]:
     ("green", "cross"); callers only parse captions, descriptions, poems and stories, never Q&A.
     """
     return {(m.group(1).lower(), m.group(2).lower()) for m in _MENTION.finditer(text)}
+
+
+# --- Tasks: an instruction and its ground-truth answer, in every register ------------------------
+DETAILED_INSTRUCTIONS = (  # the official alignment prompts, then the curation prompt (Sec. 3.2)
+    "Describe this image in detail.",
+    "Take a look at this image and describe what you notice.",
+    "Please provide a detailed description of the picture.",
+    "Could you describe the contents of this image for me?",
+    "Describe this image in detail. Give as many details as possible. Say everything you see.",
+)
+POEM_INSTRUCTIONS = ("Write a poem about this image.",
+                     "Can you write a short poem about this picture?",
+                     "Compose a little poem inspired by the image.")
+STORY_INSTRUCTIONS = ("Tell me a short story about this image.",
+                      "Write a tiny story based on this picture.",
+                      "Can you make up a story about what you see?")
+CAPTION_INSTRUCTIONS = ("Give a short caption for this image.", "Describe this image briefly.",
+                        "What is in this picture? Answer in a few words.")
+TASK_KINDS = ("detailed", "qa", "poem", "story", "caption")
+
+
+def sample_task(scene: Scene, rng: random.Random, kind: str) -> tuple[str, str]:
+    """One (instruction, answer) pair of the given register for `scene`, worded at random."""
+    if kind == "detailed":
+        return rng.choice(DETAILED_INSTRUCTIONS), detailed_description(scene, rng)
+    if kind == "qa":
+        question, answer, _ = rng.choice(qa_pairs(scene, rng))
+        return question, answer
+    if kind == "poem":
+        return rng.choice(POEM_INSTRUCTIONS), poem(scene, rng)
+    if kind == "story":
+        return rng.choice(STORY_INSTRUCTIONS), story(scene, rng)
+    if kind == "caption":
+        text = caption(scene, rng)
+        return rng.choice(CAPTION_INSTRUCTIONS), text[0].upper() + text[1:] + "."
+    raise ValueError(f"Unknown task kind {kind!r}; choose one of {', '.join(TASK_KINDS)}.")

@@ -1,0 +1,484 @@
+"""Rebuild `assets/`: the tiny pretrained, frozen backbones of ToyWorld (the "BLIP-2" and "Vicuna").
+
+MiniGPT-4 aligns two models that were pretrained separately. Here both are pretrained from scratch
+on ToyWorld, deterministically from a seed, on a laptop CPU:
+
+1. a byte-level BPE tokenizer trained on the ToyWorld corpus (`tokenizers`);
+2. the LLM, a small `LlamaForCausalLM`, trained on *text only*: captions, and `###Human: ...
+   ###Assistant: ...` dialogues in every register where the scene is given in words, or as
+   "slot vectors" (one input vector per grid cell = the sum of that cell's word embeddings, plus one
+   for the background, plus noise). A model this small cannot learn to read arbitrary soft tokens
+   from one linear layer (a prototype here got object recall 0.02-0.07 that way); Vicuna-13B can,
+   and BLIP-2's Q-Former had already been trained to talk to a frozen LLM. The slot vectors give our
+   tiny LLM the equivalent skill: reading a scene from input vectors, without ever seeing a pixel.
+3. the ViT + Q-Former (ours, tiny), trained on rendered images with a grounded representation
+   objective in the spirit of BLIP-2's first stage: query i must predict the content of grid cell i
+   (shape, colour, size or "empty"), query 9 the background, through per-query linear heads.
+
+The heads and the slot vectors are thrown away; what is shipped is the frozen LLM and the frozen
+ViT + Q-Former, in the HF folder layouts that the real-checkpoint loaders read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import toyworld as tw
+from .chat import CONV_VISION
+from .checkpoints import atomic_save_file
+from .config import TINY_QFORMER, TINY_VISION, MiniGPT4Config
+from .model import IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, MiniGPT4
+from .processing import CLIP_MEAN, CLIP_STD
+from .qformer import QFormer, hf_qformer_keys
+from .vision import VisionTransformer, hf_vision_keys
+
+log = logging.getLogger(__name__)
+
+ADDED_TOKENS = ("###", "<Img>", "</Img>", "Human:", "Assistant:")
+N_SLOTS = TINY_QFORMER.num_query_tokens  # 9 grid cells + the background
+
+
+@dataclass
+class BuildConfig:
+    """Every number of the asset build, in one place (written into the model card)."""
+
+    seed: int = 0
+    steps_scale: float = 1.0
+    device: str = "cpu"
+    n_train_scenes: int = 20000
+    vocab_size: int = 1024
+    llm_hidden: int = 256
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_mlp: int = 688
+    llm_steps: int = 1200
+    llm_batch: int = 32
+    llm_lr: float = 2e-3
+    slot_noise: float = 0.5  # std of the noise added to slot vectors, relative to embedding std
+    vision_steps: int = 1500
+    vision_batch: int = 64
+    vision_lr: float = 1e-3
+
+    def steps(self, n: int) -> int:
+        return max(2, int(round(n * self.steps_scale)))
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to `floor` (the schedule of REFERENCE.md)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# --- 1. tokenizer -------------------------------------------------------------------------------
+def corpus(scenes: list[tw.Scene], rng: random.Random):
+    """Every register of the ToyWorld language, plus the prompt templates."""
+    for scene in scenes:
+        yield tw.caption(scene, rng)
+        for kind in tw.TASK_KINDS:
+            instruction, answer = tw.sample_task(scene, rng, kind)
+            yield PROMPT_TEMPLATE.format(f"<Img>{tw.scene_in_words(scene)}</Img> {instruction}")
+            yield answer + "###"
+    yield CONV_VISION.prompt()
+    yield " ".join(slot_vocabulary()) + " empty background"
+
+
+def build_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer as a transformers fast tokenizer (reloads offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    # The template markers are single tokens, so that `###` (the stop) tokenises one way only.
+    fast.add_tokens(list(ADDED_TOKENS))
+    return fast
+
+
+# --- 2. slot vectors: a scene as input vectors built from word embeddings -----------------------
+def slot_vocabulary() -> list[str]:
+    words = {w for cell in tw.CELL_WORDS for w in cell}
+    words |= set(tw.SIZES) | set(tw.COLOURS) | set(tw.SHAPES) | {"empty", "background"}
+    words |= {w for phrase in tw.BACKGROUND_WORDS.values() for w in phrase.split()}
+    return sorted(words)
+
+
+def slot_words(scene: tw.Scene) -> list[list[str]]:
+    """The words summed into each of the 10 slots: 9 cells (row-major) and the background."""
+    slots = []
+    for cell in range(tw.GRID * tw.GRID):
+        obj = scene.cells.get(cell)
+        attrs = [obj.size, obj.colour, obj.shape] if obj else ["empty"]
+        slots.append(list(tw.CELL_WORDS[cell]) + attrs)
+    slots.append(["background"] + tw.BACKGROUND_WORDS[scene.background].split())
+    return slots
+
+
+class SlotEncoder:
+    """Turns scenes into slot vectors with the LLM's (trainable) input embeddings."""
+
+    def __init__(self, tokenizer, scenes_vocab: list[str] | None = None):
+        self.words = scenes_vocab or slot_vocabulary()
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.token_ids = [tokenizer(" " + w, add_special_tokens=False).input_ids
+                          for w in self.words]
+
+    def word_matrix(self, embedding: nn.Embedding) -> torch.Tensor:
+        """[n_words, d]: each word's embedding (mean over its tokens)."""
+        return torch.stack([embedding.weight[ids].mean(0) for ids in self.token_ids])
+
+    def __call__(self, scenes: list[tw.Scene], embedding: nn.Embedding, noise: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        counts = torch.zeros(len(scenes), N_SLOTS, len(self.words))
+        for b, scene in enumerate(scenes):
+            for s, words in enumerate(slot_words(scene)):
+                for w in words:
+                    counts[b, s, self.index[w]] += 1
+        W = self.word_matrix(embedding)
+        slots = counts.to(W.device, W.dtype) @ W
+        if noise > 0:
+            eps = torch.randn(slots.shape, generator=generator).to(W.device, W.dtype)
+            slots = slots + noise * embedding.weight.detach().std() * eps
+        return slots
+
+
+# --- 3. the LLM's text-only pretraining -----------------------------------------------------------
+def llm_example(scene: tw.Scene, rng: random.Random) -> tuple[str | None, str, str, bool]:
+    """One pretraining sample: (prompt or None, answer, end_sym, uses slot vectors)."""
+    form = rng.choices(["caption", "words", "slots", "chat"], weights=[15, 20, 45, 20])[0]
+    kind = rng.choices(tw.TASK_KINDS, weights=[30, 30, 15, 10, 15])[0]
+    instruction, answer = tw.sample_task(scene, rng, kind)
+    if form == "caption":  # plain caption text, the language of stage 1 (no image)
+        return "", tw.caption(scene, rng), "\n", False
+    if form == "words":
+        prompt = PROMPT_TEMPLATE.format(f"<Img>{tw.scene_in_words(scene)}</Img> {instruction}")
+        return prompt, answer, "###", False
+    if form == "slots":
+        return PROMPT_TEMPLATE.format(f"<Img>{IMAGE_PLACEHOLDER}</Img> {instruction}"), answer, \
+            "###", True
+    conv = CONV_VISION.copy()  # the chat template, sometimes with an earlier turn
+    first = f"<Img>{IMAGE_PLACEHOLDER}</Img>"
+    if rng.random() < 0.4:
+        q0, a0 = tw.sample_task(scene, rng, "qa")
+        conv.append("Human", f"{first} {q0}")
+        conv.append("Assistant", a0)
+        conv.append("Human", instruction)
+    else:
+        conv.append("Human", f"{first} {instruction}")
+    conv.append("Assistant", None)
+    return conv.prompt(), " " + answer, "###", True
+
+
+def llm_batch(wrapper: MiniGPT4, slots: SlotEncoder, scenes, rng, gen, noise):
+    """A training batch for the LLM: token sequences, with slot vectors in the image slots."""
+    examples, slot_scenes = [], []
+    for scene in scenes:
+        prompt, answer, end_sym, uses_slots = llm_example(scene, rng)
+        examples.append(wrapper.build_example(prompt, answer, end_sym=end_sym, max_txt_len=160))
+        if uses_slots:
+            slot_scenes.append(scene)
+    batch = wrapper.collate(examples)
+    emb = wrapper.llm.get_input_embeddings()
+    image_embeds = (slots(slot_scenes, emb, noise, gen) if slot_scenes
+                    else torch.zeros(0, N_SLOTS, emb.weight.shape[1]))
+    batch["inputs_embeds"] = wrapper.embed(batch["input_ids"], batch["image_mask"], image_embeds)
+    return batch
+
+
+def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[tw.Scene]):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    llm_cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.llm_hidden,
+                          intermediate_size=cfg.llm_mlp, num_hidden_layers=cfg.llm_layers,
+                          num_attention_heads=cfg.llm_heads, max_position_embeddings=512,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    llm = LlamaForCausalLM(llm_cfg).to(cfg.device)
+    wrapper = _wrapper(llm, tokenizer)
+    llm.requires_grad_(True)  # the wrapper freezes its LLM; here we are pretraining it
+    slots = SlotEncoder(tokenizer)
+    opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm_lr, weight_decay=0.01)
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    total = cfg.steps(cfg.llm_steps)
+    llm.train()
+    bar = tqdm(range(total), desc="LLM (text only)")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, total, cfg.llm_lr, max(1, total // 12), cfg.llm_lr / 20)
+        batch = llm_batch(wrapper, slots, rng.sample(scenes, cfg.llm_batch), rng, gen,
+                          cfg.slot_noise)
+        with _autocast(cfg.device):
+            loss = llm(inputs_embeds=batch["inputs_embeds"],
+                       attention_mask=batch["attention_mask"].to(cfg.device),
+                       labels=batch["labels"].to(cfg.device)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return llm.eval()
+
+
+def _wrapper(llm, tokenizer) -> MiniGPT4:
+    """A MiniGPT4 around the LLM, used only for its sequence builder (visual parts unused)."""
+    cfg = MiniGPT4Config(vision=TINY_VISION, qformer=TINY_QFORMER)
+    return MiniGPT4(cfg, llm, tokenizer)
+
+
+def _autocast(device: str):
+    # bf16 autocast was 1.2-1.4x faster than float32 on this kind of CPU (prototype measurement)
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                          dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def llm_heldout_metrics(llm, tokenizer, scenes: list[tw.Scene], seed: int) -> dict:
+    """Held-out perplexity, and colour-question accuracy with the scene in words or as slots."""
+    wrapper = _wrapper(llm, tokenizer)
+    slots = SlotEncoder(tokenizer)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    losses = []
+    for i in range(0, len(scenes), 50):
+        batch = llm_batch(wrapper, slots, scenes[i:i + 50], rng, gen, 0.0)
+        out = llm(inputs_embeds=batch["inputs_embeds"].float(),
+                  attention_mask=batch["attention_mask"], labels=batch["labels"])
+        losses.append(out.loss.item())
+    result = {"heldout_perplexity": math.exp(float(np.mean(losses)))}
+    for form in ("words", "slots"):
+        prompts, keys, slot_scenes = [], [], []
+        for scene in scenes:
+            colour_qs = [(q, k) for q, _, k in tw.qa_pairs(scene, rng) if q.startswith("What col")]
+            if not colour_qs:
+                continue
+            q, k = colour_qs[0]
+            content = tw.scene_in_words(scene) if form == "words" else IMAGE_PLACEHOLDER
+            prompts.append(PROMPT_TEMPLATE.format(f"<Img>{content}</Img> {q}"))
+            keys.append(k)
+            slot_scenes.append(scene)
+        answers = _greedy(wrapper, slots, prompts, slot_scenes if form == "slots" else None)
+        correct = [re.search(rf"\b{k}\b", a.lower()) is not None for a, k in zip(answers, keys)]
+        result[f"colour_qa_accuracy_{form}"] = float(np.mean(correct))
+    return result
+
+
+def _greedy(wrapper: MiniGPT4, slots: SlotEncoder, prompts, scenes, max_new_tokens=24):
+    """Greedy answers to prompts (with slot vectors for `scenes`), cut at `###`."""
+    batch = wrapper.collate([wrapper.build_example(p) for p in prompts], padding_side="left")
+    emb = wrapper.llm.get_input_embeddings()
+    image_embeds = (slots(scenes, emb, 0.0) if scenes
+                    else torch.zeros(0, N_SLOTS, emb.weight.shape[1]))
+    embeds = wrapper.embed(batch["input_ids"], batch["image_mask"], image_embeds)
+    out = wrapper.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                               max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=wrapper.tokenizer.pad_token_id)
+    texts = wrapper.tokenizer.batch_decode(out, skip_special_tokens=True)
+    return [t.split("###")[0].strip() for t in texts]
+
+
+# --- 4. the ViT + Q-Former ---------------------------------------------------------------------
+def render_batch(scenes: list[tw.Scene]) -> torch.Tensor:
+    """Rendered, CLIP-normalised images [B, 3, S, S] (the eval transform at the native size)."""
+    arr = np.stack([np.asarray(tw.render(s, TINY_VISION.image_size)) for s in scenes])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def cell_targets(scenes: list[tw.Scene]) -> dict[str, torch.Tensor]:
+    """Per-cell class targets: 0 = empty, else 1 + index of the shape / colour / size."""
+    n_cells = tw.GRID * tw.GRID
+    t = {k: torch.zeros(len(scenes), n_cells, dtype=torch.long)
+         for k in ("shape", "colour", "size")}
+    for b, scene in enumerate(scenes):
+        for obj in scene.objects:
+            t["shape"][b, obj.cell] = 1 + tw.SHAPES.index(obj.shape)
+            t["colour"][b, obj.cell] = 1 + tw.COLOURS.index(obj.colour)
+            t["size"][b, obj.cell] = 1 + tw.SIZES.index(obj.size)
+    t["background"] = torch.tensor([tw.BACKGROUNDS.index(s.background) for s in scenes])
+    return t
+
+
+class GroundedHeads(nn.Module):
+    """The pretraining heads (thrown away after the build): cell queries and a background query."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.shape = nn.Linear(hidden, 1 + len(tw.SHAPES))
+        self.colour = nn.Linear(hidden, 1 + len(tw.COLOURS))
+        self.size = nn.Linear(hidden, 1 + len(tw.SIZES))
+        self.background = nn.Linear(hidden, len(tw.BACKGROUNDS))
+
+    def loss(self, queries: torch.Tensor, t: dict) -> torch.Tensor:
+        cells = queries[:, :9]
+        loss = sum(F.cross_entropy(getattr(self, k)(cells).flatten(0, 1), t[k].flatten())
+                   for k in ("shape", "colour", "size"))
+        return loss + F.cross_entropy(self.background(queries[:, 9]), t["background"])
+
+
+def pretrain_vision(cfg: BuildConfig, scenes: list[tw.Scene]):
+    torch.manual_seed(cfg.seed + 1)
+    vit, qformer = VisionTransformer(TINY_VISION), QFormer(TINY_QFORMER, TINY_VISION.width)
+    for module in (vit, qformer):  # BERT/ViT-style init (the zeros of __init__ are placeholders)
+        for name, p in module.named_parameters():
+            if p.dim() > 1 or name in ("cls_token", "pos_embed", "query_tokens"):
+                nn.init.trunc_normal_(p, std=0.02)
+    heads = GroundedHeads(TINY_QFORMER.hidden)
+    params = [*vit.parameters(), *qformer.parameters(), *heads.parameters()]
+    for m in (vit, qformer, heads):
+        m.to(cfg.device).train()
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.05)
+    images = render_batch(scenes)  # rendered once: the vision pretraining reuses them
+    targets = cell_targets(scenes)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    total = cfg.steps(cfg.vision_steps)
+    bar = tqdm(range(total), desc="ViT + Q-Former (grounded)")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, total, cfg.vision_lr, max(1, total // 15),
+                                    cfg.vision_lr / 20)
+        idx = torch.randint(len(scenes), (cfg.vision_batch,), generator=gen)
+        with _autocast(cfg.device):
+            queries = qformer(vit(images[idx].to(cfg.device)))
+            loss = heads.loss(queries.float(), {k: v[idx].to(cfg.device)
+                                                for k, v in targets.items()})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return vit.eval(), qformer.eval()
+
+
+@torch.no_grad()
+def query_features(vit, qformer, scenes, batch: int = 256) -> torch.Tensor:
+    device = vit.patch_embed.weight.device
+    return torch.cat([qformer(vit(render_batch(scenes[i:i + batch]).to(device))).float().cpu()
+                      for i in range(0, len(scenes), batch)])
+
+
+def probe_accuracy(vit, qformer, train: list[tw.Scene], heldout: list[tw.Scene],
+                   steps: int = 300) -> dict:
+    """Linear probes on the frozen query outputs: each object's shape, colour and position.
+
+    One linear classifier per attribute, shared by the 9 cell queries, trained on `train` scenes
+    and measured on `heldout` ones: shape/colour accuracy over held-out objects (read from the
+    query of the object's cell), position accuracy = occupied-vs-empty right for every cell.
+    """
+    f_tr, f_ho = query_features(vit, qformer, train), query_features(vit, qformer, heldout)
+    t_tr, t_ho = cell_targets(train), cell_targets(heldout)
+    result = {}
+    for attr, n_cls in (("shape", 1 + len(tw.SHAPES)), ("colour", 1 + len(tw.COLOURS))):
+        probe = nn.Linear(f_tr.shape[-1], n_cls)
+        opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+        x, y = f_tr[:, :9].flatten(0, 1), t_tr[attr].flatten()
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(probe(x), y).backward()
+            opt.step()
+        pred, gold = probe(f_ho[:, :9]).argmax(-1), t_ho[attr]
+        occupied = gold > 0
+        result[f"{attr}_accuracy"] = float((pred[occupied] == gold[occupied]).float().mean())
+        if attr == "shape":  # position: the probe finds an object exactly where there is one
+            result["position_accuracy"] = float(((pred > 0) == occupied).float().mean())
+    return {k: round(v, 4) for k, v in result.items()}
+
+
+# --- saving -----------------------------------------------------------------------------------
+def save_vision_qformer(vit, qformer, folder: Path) -> None:
+    """Save in the HF BLIP-2 layout (`vision_model.*`, `qformer.*`, `query_tokens`)."""
+    state = {}
+    for module, key_map in ((vit, hf_vision_keys(TINY_VISION)), (qformer,
+                                                                 hf_qformer_keys(TINY_QFORMER))):
+        own = module.state_dict()
+        state.update({theirs: own[ours].float() for ours, theirs in key_map.items()})
+    atomic_save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    v, q = TINY_VISION, TINY_QFORMER
+    config = {
+        "model_type": "blip-2", "architectures": ["Blip2ForConditionalGeneration"],
+        "num_query_tokens": q.num_query_tokens,
+        "vision_config": {"hidden_size": v.width, "intermediate_size": v.mlp,
+                          "num_hidden_layers": v.layers, "num_attention_heads": v.heads,
+                          "image_size": v.image_size, "patch_size": v.patch_size,
+                          "layer_norm_eps": v.layer_norm_eps, "qkv_bias": True},
+        "qformer_config": {"hidden_size": q.hidden, "num_hidden_layers": q.layers,
+                           "num_attention_heads": q.heads, "intermediate_size": q.mlp,
+                           "cross_attention_frequency": q.cross_attention_every,
+                           "encoder_hidden_size": v.width, "layer_norm_eps": q.layer_norm_eps},
+        "note": "ToyWorld ViT + Q-Former of minigpt4-lite; no language model is included.",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_samples(folder: Path, n: int = 8) -> None:
+    """A few held-out scenes as PNG files (with their ground truth) for notebooks and the chat."""
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for scene in tw.make_scenes("heldout", n, start=100000):
+        name = f"scene_{scene.seed}.png"
+        tw.render(scene, 240).save(folder / name)  # 4x the model's size: nicer to look at
+        truth[name] = tw.scene_in_words(scene)
+    (folder / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(out: str | Path, cfg: BuildConfig | None = None) -> dict:
+    """Build every asset into `out`; returns the measured figures (also in `build_report.json`)."""
+    cfg = cfg or BuildConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    n_scenes = max(64, int(cfg.n_train_scenes * min(1.0, cfg.steps_scale * 4)))
+    train = tw.make_scenes("train", n_scenes)
+    heldout = tw.make_scenes("heldout", 300 if cfg.steps_scale >= 0.5 else 40)
+    report: dict = {"build_config": asdict(cfg)}
+
+    tokenizer = build_tokenizer(corpus(train[:4000], random.Random(cfg.seed)), cfg.vocab_size)
+    tokenizer.save_pretrained(out / "llm")
+    t1 = time.time()
+    llm = pretrain_llm(cfg, tokenizer, train)
+    llm.save_pretrained(out / "llm")
+    report["llm"] = {"params": sum(p.numel() for p in llm.parameters()),
+                     **llm_heldout_metrics(llm, tokenizer, heldout, cfg.seed),
+                     "seconds": round(time.time() - t1, 1)}
+    t2 = time.time()
+    vit, qformer = pretrain_vision(cfg, train)
+    (out / "vision_qformer").mkdir(exist_ok=True)
+    save_vision_qformer(vit.float(), qformer.float(), out / "vision_qformer")
+    report["vision_qformer"] = {
+        "params": sum(p.numel() for m in (vit, qformer) for p in m.parameters()),
+        **probe_accuracy(vit, qformer, train[:2000], heldout),
+        "seconds": round(time.time() - t2, 1)}
+    save_samples(out / "samples")
+    report["seconds_total"] = round(time.time() - t0, 1)
+    report["sha256"] = {str(p.relative_to(out)): sha256(p) for p in sorted(out.rglob("*"))
+                        if p.is_file() and p.name not in ("README.md", "build_report.json")
+                        and "projections" not in p.parts}
+    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("assets built in %.0f s", report["seconds_total"])
+    return report
+
