@@ -7,9 +7,20 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
+import re
+import threading
+import unicodedata
 from dataclasses import dataclass, field
 
 import torch
+
+from .errors import ConfigError, ImageLoadError, MiniGPT4Error
+from .model import IMAGE_PLACEHOLDER
+from .processing import ImageProcessor
+
+log = logging.getLogger(__name__)
 
 SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image "
           "once I provide it to you. Please answer my questions.")
@@ -29,10 +40,10 @@ class Conversation:
         self.messages.append([role, text])
 
     def prompt(self) -> str:
-        """The prompt string: `system###Role: text###...Assistant:` (an empty turn ends it)."""
+        """The prompt string: `system###Role: text###...Assistant:` (a `None` turn ends it)."""
         out = self.system + self.sep
         for role, text in self.messages:
-            out += f"{role}: {text}{self.sep}" if text else f"{role}:"
+            out += f"{role}: {text}{self.sep}" if text is not None else f"{role}:"
         return out
 
     def copy(self) -> "Conversation":
@@ -54,6 +65,15 @@ class GenerationSettings:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     max_length: int = 2000  # context + new tokens; the oldest context is cut beyond it
+
+    def __post_init__(self) -> None:
+        bad = [f"{k}={getattr(self, k)!r}" for k, ok in (
+            ("max_new_tokens", self.max_new_tokens >= 1), ("num_beams", self.num_beams >= 1),
+            ("temperature", self.temperature > 0), ("top_p", 0 < self.top_p <= 1),
+            ("repetition_penalty", self.repetition_penalty > 0)) if not ok]
+        if bad:
+            raise ConfigError(f"Invalid generation setting {', '.join(bad)}: max_new_tokens and "
+                              "num_beams must be >= 1, temperature > 0, 0 < top_p <= 1.")
 
     def generate_kwargs(self) -> dict:
         kw = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
@@ -131,3 +151,240 @@ def generate(model, prompts: list[str | None], image_embeds: torch.Tensor,
         n = int((row != tok.pad_token_id).sum())
         results.append(Generation(text.split("Assistant:")[-1].strip(), stopped, n))
     return results
+
+
+# --- chatting: Chat, sanitising, context cut, streaming ------------------------------------------
+class ChatInputError(MiniGPT4Error, ValueError):
+    """A chat input that cannot be used: an empty question, nothing to answer, no images..."""
+
+
+_TAG = re.compile(r"<\s*/?\s*[A-Za-z_|][\w|.-]*\s*>")  # <Img>, </Img>, <ImageHere>, <s>, </s>
+_ROLE = re.compile(r"(human|assistant)\s*:", re.IGNORECASE)
+_SPACE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # control, format, ..., line breaks
+
+
+def sanitize(text: str) -> str:
+    """User (or generated) text made safe to put inside a turn of the template. Strip, not escape:
+
+    - control and format characters (newlines, tabs, NUL, zero-width...) become spaces;
+    - every `#` is dropped: the separator is `###`, and a `#` next to it would change its tokens;
+    - tag-like tokens (`<Img>`, `</Img>`, `<ImageHere>`, `<s>`, `</s>`, ...) are removed, so text
+      never adds an image slot (`build_example` splits at `<ImageHere>`) or a special token;
+    - role markers lose their colon (`Human:` -> `Human`), so text cannot open a new turn;
+    - whitespace is collapsed. Repeated until nothing changes (`<Im<s>g>` -> `<Img>` -> ``).
+    Escaping would keep these characters for the LLM to read, but a tiny LLM never saw them.
+    """
+    previous = None
+    while text != previous:
+        previous = text
+        text = "".join(" " if unicodedata.category(c) in _SPACE else c for c in text)
+        text = " ".join(_ROLE.sub(r"\1", _TAG.sub("", text.replace("#", ""))).split())
+    return text
+
+
+class Chat:
+    """A multi-turn, multi-image chat with MiniGPT-4, as the official demo's `Chat` (Sec. 4).
+
+    `upload(image)` adds the Human message `<Img><ImageHere></Img>` and stores the image's visual
+    tokens; `ask(text)` adds a question (after a space, in the same message, right after an
+    upload); `answer()` generates from `conv.prompt()` with the `Assistant:` turn open, cut at
+    `###`. When the prompt + `max_new_tokens` would exceed `settings.max_length` or the LLM's
+    `max_position_embeddings`, the oldest context is cut and a sentence is added to `notices`
+    (and logged): old exchanges first (an image message is kept, bare), then old images, then the
+    start of the current question, then `max_new_tokens`.
+    """
+
+    def __init__(self, model, settings: GenerationSettings | None = None):
+        self.model, self.settings = model, settings or GenerationSettings()
+        self.processor = ImageProcessor(model.cfg.vision.image_size)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation and the images (`notices` too)."""
+        self.conv = CONV_VISION.copy()
+        self.images: list[torch.Tensor] = []  # visual tokens [Q, d], one per `<ImageHere>`
+        self.notices: list[str] = []
+
+    @torch.no_grad()
+    def upload(self, image) -> None:
+        """Add an image: path, bytes, file, PIL image or tensor [3,S,S] (else `ImageLoadError`)."""
+        try:
+            pixels = self.processor(image)
+        except TypeError as e:  # not an image type at all: a user error, said in one sentence
+            raise ImageLoadError(f"Cannot use a {type(image).__name__} as an image; pass a path, "
+                                 "bytes, a file, a PIL image or a [3, S, S] tensor.") from e
+        self.images.append(self.model.encode_image(pixels[None])[0])
+        self.conv.append(self.conv.roles[0], IMAGE_MESSAGE)
+
+    def ask(self, text: str) -> None:
+        """Add a question (sanitised, see `sanitize`); `ChatInputError` if it is empty."""
+        if not isinstance(text, str) or not text.strip():
+            raise ChatInputError("The question is empty: type a question about the image.")
+        text, messages = sanitize(text), self.conv.messages
+        if not text:
+            raise ChatInputError("The question holds only template markers (###, <Img>, role "
+                                 "names...), which are removed: ask in plain words.")
+        if messages and messages[-1][0] == self.conv.roles[0] and messages[-1][1].endswith(
+                "</Img>"):
+            messages[-1][1] += " " + text  # as official: the question joins the image message
+        else:
+            self.conv.append(self.conv.roles[0], text)
+
+    def answer(self, settings: GenerationSettings | None = None, streamer=None) -> str:
+        """Generate the Assistant's reply to the conversation so far; it is stored in `conv`."""
+        if not self.conv.messages or self.conv.messages[-1][0] != self.conv.roles[0]:
+            raise ChatInputError("Nothing to answer: ask a question or upload an image first.")
+        self.conv.append(self.conv.roles[1], None)
+        try:
+            settings = self._fit(settings or self.settings)
+            out = generate(self.model, [self.conv.prompt()], self._image_embeds(), settings,
+                           streamer=streamer)[0]
+        except BaseException:
+            self.conv.messages.pop()  # close the open turn: the chat stays usable
+            raise
+        self.conv.messages[-1][1] = sanitize(out.text)  # an answer cannot add slots or turns
+        return self.conv.messages[-1][1]
+
+    def stream(self, text: str | None = None, settings: GenerationSettings | None = None):
+        """Ask `text` (if given) and yield the answer in pieces as they are generated.
+
+        transformers' `TextIteratorStreamer` is fed by `generate` in a thread; pieces stop before
+        `###`. Beam search cannot stream: it yields the whole answer at once. Errors are re-raised.
+        """
+        from transformers import TextIteratorStreamer
+
+        if text is not None:
+            self.ask(text)
+        settings = settings or self.settings
+        if settings.num_beams > 1:
+            yield self.answer(settings)
+            return
+        streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=True)
+        errors = []
+
+        def run():
+            try:
+                self.answer(settings, streamer)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        so_far, shown = "", ""
+        for piece in streamer:
+            so_far += piece
+            visible = so_far.split(self.conv.sep)[0].rstrip("#").lstrip()
+            if len(visible) > len(shown):
+                yield visible[len(shown):]
+                shown = visible
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    # --- the context limit ----------------------------------------------------------------------
+    def _image_embeds(self) -> torch.Tensor:
+        if self.images:
+            return torch.stack(self.images)
+        emb = self.model.llm.get_input_embeddings().weight
+        return emb.new_zeros(0, self.model.cfg.num_visual_tokens, emb.shape[1])
+
+    def _length(self) -> int:
+        """Prompt length in LLM positions (BOS + text tokens + image slots)."""
+        return len(self.model.build_example(self.conv.prompt()).ids)
+
+    def _drop(self, i: int) -> None:
+        """Delete message `i` and the visual tokens of its images."""
+        counts = [text.count(IMAGE_PLACEHOLDER) for _, text in self.conv.messages[:i + 1]]
+        start = sum(counts[:-1])
+        del self.images[start:start + counts[-1]], self.conv.messages[i]
+
+    def _notice(self, text: str) -> None:
+        log.warning(text)
+        self.notices.append(text)
+
+    def _fit(self, settings: GenerationSettings) -> GenerationSettings:
+        """Cut the oldest context until prompt + `max_new_tokens` fits (REFERENCE.md "Chat").
+
+        Order: old exchanges (an old image message stays, bare); `max_new_tokens` down to half
+        the context; the start of the current question (down to 64 tokens); old images; the rest
+        of the question; `max_new_tokens`. Each cut adds a sentence to `notices`.
+        """
+        limit = min(settings.max_length,
+                    getattr(self.model.llm.config, "max_position_embeddings", None) or 10**9)
+        new = settings.max_new_tokens
+
+        def room() -> int:
+            return limit - new - self._length()
+
+        self._cut_old(room, limit, images=False)
+        if room() < 0 and new > limit // 2:
+            new = max(limit // 2, new + room())
+        self._shorten_question(room, floor=64)
+        self._cut_old(room, limit, images=True)
+        self._shorten_question(room, floor=0)
+        new = min(new, new + room())
+        if new < 1:
+            raise ChatInputError(f"The prompt needs {self._length()} tokens (system prompt and "
+                                 f"images) but the context holds {limit}: raise max_length.")
+        if new != settings.max_new_tokens:
+            self._notice(f"max_new_tokens was lowered from {settings.max_new_tokens} to {new} "
+                         f"to fit the context ({limit} tokens).")
+        return dataclasses.replace(settings, max_new_tokens=new)
+
+    def _cut_old(self, room, limit: int, images: bool) -> None:
+        """Drop old messages, oldest first, while `room() < 0`; the question itself stays."""
+        msgs = self.conv.messages
+        i, n_cut, current = 0, 0, len(msgs) - 2  # [..., question, open Assistant turn]
+        while i < current and room() < 0:
+            if IMAGE_PLACEHOLDER in msgs[i][1] and not images:  # keep the image, drop its text
+                n_cut += msgs[i][1] != IMAGE_MESSAGE
+                msgs[i][1], i = IMAGE_MESSAGE, i + 1
+            else:
+                n_cut += 1
+                self._drop(i)
+                current -= 1
+        if n_cut and images:
+            self._notice(f"Removed {n_cut} old image(s) from the context ({limit} tokens): the "
+                         "model cannot see them any more; upload again to ask about them.")
+        elif n_cut:
+            self._notice(f"The conversation was too long for the context ({limit} tokens): "
+                         f"removed {n_cut} of the oldest messages.")
+
+    def _shorten_question(self, room, floor: int) -> None:
+        """Keep only the end of the current question (at least `floor` tokens) while too long."""
+        msg = self.conv.messages[-2]  # the question right before the open Assistant turn
+        if room() >= 0 or msg[0] != self.conv.roles[0]:
+            return
+        head = IMAGE_MESSAGE + " " if msg[1].startswith(IMAGE_MESSAGE + " ") else ""
+        ids = self.model.text_ids(msg[1][len(head):])
+        keep = len(ids)
+        while keep > floor and room() < 0:
+            keep = max(floor, min(keep - 1, keep + room()))
+            tail = sanitize(self.model.tokenizer.decode(ids[len(ids) - keep:]))
+            msg[1] = head + tail if tail else head.strip() or "?"
+        if keep < len(ids):
+            self._notice(f"The question was too long for the context: only its last {keep} "
+                         "tokens were kept.")
+
+
+@torch.no_grad()
+def answer_batch(model, images: list, question: str,
+                 settings: GenerationSettings | None = None) -> list[str]:
+    """One question about many images, answered in one batched `generate` call (greedy default).
+
+    Every row has the same prompt as `Chat` (upload, ask, answer), so with greedy decoding row i
+    equals the answer of a `Chat` about image i alone.
+    """
+    if not images:
+        raise ChatInputError("answer_batch needs at least one image.")
+    chat = Chat(model, settings or GREEDY)
+    embeds = model.encode_image(torch.stack([chat.processor(image) for image in images]))
+    chat.images = [embeds[0]]
+    chat.conv.append(chat.conv.roles[0], IMAGE_MESSAGE)
+    chat.ask(question)
+    chat.conv.append(chat.conv.roles[1], None)
+    settings = chat._fit(chat.settings)
+    outs = generate(model, [chat.conv.prompt()] * len(images), embeds, settings)
+    return [sanitize(o.text) for o in outs]

@@ -99,6 +99,52 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """Chat about one image: answer `--prompt` and exit, or read questions from stdin."""
+    import torch
+
+    from .chat import Chat, ChatInputError, GenerationSettings
+    from .processing import load_image
+
+    if args.prompt is not None and not args.prompt.strip():
+        raise ChatInputError("The --prompt is empty: give a question about the image.")
+    load_image(args.image)  # a missing or broken image or bad option fails fast, before loading
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                  do_sample=not args.greedy, temperature=args.temperature,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    model = _load(args, projection=args.projection)
+    torch.manual_seed(args.seed)  # sampling is repeatable too; --greedy needs no seed
+    chat = Chat(model, settings)
+    chat.upload(args.image)
+    if args.prompt is not None:
+        chat.ask(args.prompt)
+        print(chat.answer())
+        return 0
+    print(f"Chatting about {args.image}. Type a question and press Enter; /reset starts over, "
+          "/quit (or Ctrl-D) leaves.", flush=True)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            chat.reset()
+            chat.upload(args.image)
+            print("(conversation reset)", flush=True)
+            continue
+        n_notices = len(chat.notices)
+        try:
+            for piece in chat.stream(line):
+                print(piece, end="", flush=True)
+            print(flush=True)
+        except ChatInputError as e:  # e.g. only "###": say so and keep chatting
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        for notice in chat.notices[n_notices:]:
+            print(f"note: {notice}", file=sys.stderr, flush=True)
+    return 0
+
+
 def cmd_build_assets(args) -> int:
     from .build_assets import BuildConfig, build
 
@@ -156,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: caption, detailed, poem, qa")
     p.add_argument("--out", help="write the metrics JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="chat about an image (one --prompt, or interactively)")
+    _model_options(p)
+    p.add_argument("--image", required=True, help="the image to talk about (a file path)")
+    p.add_argument("--prompt", help="ask this, print the answer and exit (default: read stdin)")
+    p.add_argument("--projection", help="our projection folder/file or an official .pth "
+                   "(default: the preset's)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (deterministic)")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("build-assets", help="rebuild assets/ (tokenizer, tiny LLM, ViT+Q-Former)")
     p.add_argument("--out", required=True)

@@ -1,0 +1,116 @@
+"""Lens hit rate of the untrained, stage-1 and stage-2 projections on held-out ToyWorld scenes.
+
+The lens hit rate (`viz.lens_hits`) is the share of scenes where the top-k cosine-nearest
+vocabulary tokens of the projected visual tokens, pooled over all of them, include the colour
+word and the shape word of every object. It asks whether the trained linear layer put the
+visual tokens next to the words that describe the image (paper Sec. 3.1), without generating.
+
+    python benchmarks/lens_hit_rate.py            # 200 held-out scenes, k = 5 and 10
+
+Prints a table and writes it into BENCHMARKS.md between the `lens_hit_rate` markers (the rest of
+the file is left as it is). Needs assets/ and assets/projections/stage1 and stage2 (demo run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minigpt4_lite import toyworld as tw  # noqa: E402
+from minigpt4_lite.checkpoints import load_model, load_projection  # noqa: E402
+from minigpt4_lite.config import preset  # noqa: E402
+from minigpt4_lite.viz import lens_hits  # noqa: E402
+
+START, END = "<!-- lens_hit_rate:start -->", "<!-- lens_hit_rate:end -->"
+
+
+def measure(n: int, ks: list[int], projections: dict[str, Path | None]) -> dict:
+    """{projection name: {k: lens_hits(...)}} on the first `n` held-out scenes."""
+    torch.manual_seed(0)  # the untrained projection: the seeded random initialisation
+    model = load_model(preset("tiny"), projection="")
+    scenes = tw.make_scenes("heldout", n)
+    results = {}
+    for name, path in projections.items():
+        if path is not None:
+            load_projection(model, path)
+        results[name] = {k: lens_hits(model, scenes, k) for k in ks}
+    return results
+
+
+def table(results: dict, ks: list[int]) -> str:
+    head = "| projection | " + " | ".join(f"k={k}: scenes | k={k}: objects" for k in ks) + " |"
+    rows = [head, "|---|" + "---|---|" * len(ks)]
+    for name, by_k in results.items():
+        cells = [f"{by_k[k]['scene_rate']:.1%} | {by_k[k]['object_rate']:.1%}" for k in ks]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace (or append) our marked section of BENCHMARKS.md, leaving everything else."""
+    section = f"{START}\n{body.strip()}\n{END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else (
+        text.rstrip("\n") + "\n\n" + section + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=200, help="held-out scenes (default 200)")
+    parser.add_argument("--k", type=int, nargs="+", default=[5, 10])
+    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    projections = {"untrained (seed 0)": None,
+                   "stage 1": ROOT / "assets" / "projections" / "stage1",
+                   "stage 1 + stage 2": ROOT / "assets" / "projections" / "stage2"}
+    missing = [str(p) for p in projections.values() if p is not None and not p.exists()]
+    if missing:
+        sys.exit(f"Missing {', '.join(missing)}: run the demo first "
+                 "(python -m minigpt4_lite demo).")
+    t0 = time.perf_counter()
+    results = measure(args.n, args.k, projections)
+    seconds = time.perf_counter() - t0
+    md = table(results, args.k)
+    print(md)
+    print(f"({seconds:.1f} s)")
+    if args.no_write:
+        return
+    machine = platform.processor() or platform.machine()
+    command = "python benchmarks/lens_hit_rate.py" + (f" {' '.join(argv or sys.argv[1:])}"
+                                                      if (argv or sys.argv[1:]) else "")
+    body = f"""## Lens hit rate
+
+Share of {args.n} held-out ToyWorld scenes where the pooled top-k cosine-nearest vocabulary tokens
+of all projected visual tokens include the colour word and the shape word of every object
+("scenes"); "objects" is the same test per object (`viz.lens_hits`). No generation: this reads
+the projected tokens directly against the LLM's input-embedding table.
+
+{md}
+
+- machine: {machine}, {os.cpu_count()} cores, torch {torch.__version__}, \
+{torch.get_num_threads()} threads; {seconds:.0f} s
+- command: `{command}`
+- date: {datetime.date.today().isoformat()}
+"""
+    write_section(Path(args.output), body)
+    print(f"updated {args.output}")
+
+
+if __name__ == "__main__":
+    main()

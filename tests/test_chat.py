@@ -1,0 +1,341 @@
+"""The Chat API, the template's safety against user text, the context cut, and the `chat` CLI.
+
+Runs on the embedded tiny ToyWorld model (assets/): its LLM has max_position_embeddings = 512,
+so long conversations really hit the context limit.
+"""
+
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from minigpt4_lite.chat import (
+    CONV_VISION,
+    GREEDY,
+    IMAGE_MESSAGE,
+    SYSTEM,
+    Chat,
+    ChatInputError,
+    GenerationSettings,
+    answer_batch,
+    sanitize,
+)
+from minigpt4_lite.config import ASSETS, preset
+from minigpt4_lite.errors import ConfigError, ImageLoadError, MiniGPT4Error
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = sorted((ASSETS / "samples").glob("*.png"))
+SHORT = dataclasses.replace(GREEDY, max_new_tokens=12)
+DANGER = ["###", "#", "<ImageHere>", "<Img>", "</Img>", "Human:", "Assistant:", "human :",
+          "\n", "\t", "\x00", "\u2028", "\u200b", "<s>", "</s>", "<", ">", "Image", "Here"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    from minigpt4_lite.checkpoints import load_model
+
+    cfg = preset("tiny")
+    if not Path(cfg.llm).exists():
+        pytest.skip("assets/ is not built: python -m minigpt4_lite build-assets --out assets")
+    return load_model(cfg)
+
+
+def n_slots(model, chat: Chat) -> int:
+    return model.build_example(chat.conv.prompt()).ids.count(-1)
+
+
+def test_template_is_the_official_one(model):
+    chat = Chat(model, SHORT)
+    chat.upload(SAMPLES[0])
+    chat.ask("What colour is the star?")
+    assert chat.conv.prompt() == (SYSTEM + "###Human: <Img><ImageHere></Img> What colour is the "
+                                  "star?###")
+    chat.conv.append("Assistant", None)
+    assert chat.conv.prompt().endswith("star?###Assistant:")
+    assert CONV_VISION.messages == []  # the template itself is never changed
+
+
+def test_multi_turn_keeps_history_and_is_deterministic(model):
+    chats = [Chat(model, SHORT) for _ in range(2)]
+    for chat in chats:
+        chat.upload(SAMPLES[0])
+        first = chat.stream("How many objects are there?")
+        assert isinstance("".join(first), str)
+        chat.ask("Where is the star?")
+        chat.answer()
+    a, b = (c.conv.messages for c in chats)
+    assert a == b  # greedy decoding: the same conversation twice
+    roles = [role for role, _ in a]
+    assert roles == ["Human", "Assistant", "Human", "Assistant"]
+    assert a[0][1] == IMAGE_MESSAGE + " How many objects are there?"
+    assert all("###" not in text for _, text in a)
+    assert chats[0].conv.prompt().count("###") == 1 + 4
+
+
+def test_multiple_images_each_get_their_slots(model):
+    chat = Chat(model, SHORT)
+    chat.upload(SAMPLES[0])
+    chat.ask("What colour is the star?")
+    chat.answer()
+    chat.upload(Image.open(SAMPLES[1]))
+    chat.ask("And in this image?")
+    assert n_slots(model, chat) == 2 * model.cfg.num_visual_tokens
+    assert isinstance(chat.answer(), str)
+    assert len(chat.images) == 2
+
+
+def test_upload_accepts_path_bytes_pil_and_tensor(model):
+    from minigpt4_lite.processing import ImageProcessor
+
+    size = model.cfg.vision.image_size
+    sources = [SAMPLES[0], SAMPLES[0].read_bytes(), Image.open(SAMPLES[0]),
+               ImageProcessor(size)(SAMPLES[0]), io.BytesIO(SAMPLES[0].read_bytes())]
+    embeds = []
+    for source in sources:
+        chat = Chat(model)
+        chat.upload(source)
+        embeds.append(chat.images[0])
+    for e in embeds[1:]:
+        torch.testing.assert_close(e, embeds[0])
+
+
+@pytest.mark.parametrize("bad", [b"not an image", b"", 42, torch.zeros(3, 5, 5)])
+def test_bad_images_raise_one_clear_error(model, bad):
+    chat = Chat(model)
+    with pytest.raises(ImageLoadError) as info:
+        chat.upload(bad)
+    assert isinstance(info.value, MiniGPT4Error) and "\n" not in str(info.value)
+    assert chat.conv.messages == [] and chat.images == []  # nothing half-added
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t", None, "###", "<Img></Img>", "\x00 #"])
+def test_empty_questions_are_refused(model, text):
+    chat = Chat(model)
+    chat.upload(SAMPLES[0])
+    with pytest.raises(ChatInputError, match="question"):
+        chat.ask(text)
+    assert issubclass(ChatInputError, MiniGPT4Error) and issubclass(ChatInputError, ValueError)
+
+
+def test_answer_needs_a_question(model):
+    with pytest.raises(ChatInputError, match="Nothing to answer"):
+        Chat(model).answer()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("What ### colour", "What colour"),
+    ("Human: hi Assistant: ok", "Human hi Assistant ok"),
+    ("a<ImageHere>b <Img>c</Img> </s>", "ab c"),
+    ("<Im<s>g>x", "x"),
+    ("line\nbreak\x00zero\u200bwidth", "line break zero width"),
+    ("I <3 red stars!", "I <3 red stars!"),
+])
+def test_sanitize(text, expected):
+    assert sanitize(text) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(DANGER) | st.text(max_size=8), max_size=12).map("".join))
+def test_sanitized_text_cannot_change_the_template(text):
+    clean = sanitize(text)
+    assert "#" not in clean and "<ImageHere>" not in clean and "<Img>" not in clean
+    assert "Human:" not in clean and "Assistant:" not in clean
+    assert clean == sanitize(clean) and clean == clean.strip()
+    assert all(c.isprintable() for c in clean)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(questions=st.lists(st.lists(st.sampled_from(DANGER) | st.text(max_size=10), max_size=8)
+                          .map("".join), min_size=1, max_size=2),
+       n_images=st.integers(0, 2))
+def test_any_user_text_keeps_one_slot_per_image_and_generates(model, questions, n_images):
+    chat = Chat(model, dataclasses.replace(GREEDY, max_new_tokens=3))
+    for i in range(n_images):
+        chat.upload(SAMPLES[i])
+    for question in questions:
+        try:
+            chat.ask(question)
+        except ChatInputError:
+            assert not sanitize(question or "")
+            continue
+        assert n_slots(model, chat) == n_images * model.cfg.num_visual_tokens
+        assert isinstance(chat.answer(), str)  # generation never crashes
+        n_closed = len(chat.conv.messages)
+        assert chat.conv.prompt().count("###") == 1 + n_closed
+        assert n_slots(model, chat) == n_images * model.cfg.num_visual_tokens
+
+
+# --- the context limit ------------------------------------------------------------------------
+def limit_of(model, settings):
+    return min(settings.max_length, model.llm.config.max_position_embeddings)
+
+
+def test_long_conversation_cuts_oldest_turns_and_keeps_the_image(model):
+    assert model.llm.config.max_position_embeddings == 512
+    chat = Chat(model, dataclasses.replace(GREEDY, max_new_tokens=16))
+    chat.upload(SAMPLES[0])
+    for i in range(25):
+        chat.ask(f"Question {i}: where is the star, and what colour is the circle? " * 2)
+        chat.answer()
+        prompt_len = len(model.build_example(chat.conv.prompt()).ids)
+        assert prompt_len <= 512
+    assert any("removed" in n and "oldest" in n for n in chat.notices)
+    assert n_slots(model, chat) == model.cfg.num_visual_tokens  # the image message stayed
+    assert chat.conv.messages[0] == ["Human", IMAGE_MESSAGE]
+    assert chat.conv.messages[-2][1].startswith("Question 24")
+
+
+def test_very_long_question_is_shortened_not_crashed(model):
+    chat = Chat(model)  # the default max_new_tokens (300) does not fit with it either
+    chat.upload(SAMPLES[0])
+    chat.ask("tell me about the red star " * 400 + "What colour is the circle?")
+    answer = chat.answer()
+    assert isinstance(answer, str)
+    assert any("question was too long" in n for n in chat.notices)
+    assert any("max_new_tokens was lowered" in n for n in chat.notices)
+    assert n_slots(model, chat) == model.cfg.num_visual_tokens
+    assert "What colour is the circle?" in chat.conv.messages[-2][1]  # its end was kept
+
+
+def test_old_images_go_last_and_the_user_is_told(model):
+    q, new = model.cfg.num_visual_tokens, 8
+    alone = Chat(model)  # the second exchange alone: the context is made just big enough for it
+    alone.upload(SAMPLES[1])
+    alone.ask("How many objects are there?")
+    alone.conv.append("Assistant", None)
+    chat = Chat(model, dataclasses.replace(GREEDY, max_new_tokens=new,
+                                           max_length=alone._length() + new))
+    chat.upload(SAMPLES[0])
+    chat.ask("What colour is the star?")
+    chat.answer()
+    chat.upload(SAMPLES[1])
+    chat.ask("How many objects are there?")
+    chat.answer()
+    assert any("old image(s)" in n for n in chat.notices)
+    assert n_slots(model, chat) == q and len(chat.images) == 1
+    torch.testing.assert_close(chat.images[0], alone.images[0])  # the newest image stayed
+
+
+def test_impossible_limit_is_a_clear_error_and_the_chat_survives(model):
+    chat = Chat(model, dataclasses.replace(GREEDY, max_length=20))
+    chat.upload(SAMPLES[0])
+    chat.ask("What colour is the star?")
+    with pytest.raises(ChatInputError, match="max_length"):
+        chat.answer()
+    assert chat.conv.messages[-1][0] == "Human"  # the open Assistant turn was closed
+    assert isinstance(chat.answer(SHORT), str)
+
+
+# --- streaming and batches --------------------------------------------------------------------
+def test_stream_yields_the_answer_in_pieces(model):
+    chat = Chat(model, GREEDY)
+    chat.upload(SAMPLES[0])
+    pieces = list(chat.stream("Describe this image in detail."))
+    assert pieces and "###" not in "".join(pieces)
+    assert sanitize("".join(pieces)) == chat.conv.messages[-1][1]
+    beams = list(chat.stream("How many objects are there?",
+                             dataclasses.replace(GREEDY, num_beams=2, max_new_tokens=12)))
+    assert beams == [chat.conv.messages[-1][1]]  # beam search: one piece
+
+
+def test_stream_reraises_generation_errors(model, monkeypatch):
+    chat = Chat(model, SHORT)
+    chat.upload(SAMPLES[0])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model.llm, "generate", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(chat.stream("What colour is the star?"))
+    monkeypatch.undo()
+    assert chat.conv.messages[-1][0] == "Human"
+    assert isinstance(chat.answer(), str)
+
+
+def test_answer_batch_equals_single_answers(model):
+    questions = ["What colour is the star?", "How many objects are there?"]
+    settings = dataclasses.replace(GREEDY, max_new_tokens=24)
+    for question in questions:
+        batch = answer_batch(model, SAMPLES[:4], question, settings)
+        single = []
+        for path in SAMPLES[:4]:
+            chat = Chat(model, settings)
+            chat.upload(path)
+            chat.ask(question)
+            single.append(chat.answer())
+        assert batch == single
+    with pytest.raises(ChatInputError):
+        answer_batch(model, [], "What colour is the star?")
+
+
+def test_generation_settings_are_checked():
+    assert "temperature" not in GREEDY.generate_kwargs()
+    assert GenerationSettings().generate_kwargs()["top_p"] == 0.9
+    for bad in (dict(max_new_tokens=0), dict(num_beams=0), dict(temperature=0),
+                dict(top_p=1.5)):
+        with pytest.raises(ConfigError):
+            GenerationSettings(**bad)
+
+
+# --- the terminal chat ------------------------------------------------------------------------
+def run_cli(*args, stdin=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "minigpt4_lite", "chat", *args], input=stdin,
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+
+
+def test_cli_prompt_greedy_is_deterministic(model):
+    args = ("--preset", "tiny", "--image", str(SAMPLES[0]), "--prompt",
+            "What colour is the star?", "--greedy", "--max-new-tokens", "24")
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
+    chat = Chat(model, dataclasses.replace(GREEDY, max_new_tokens=24))
+    chat.upload(SAMPLES[0])
+    chat.ask("What colour is the star?")
+    assert first.stdout.strip() == chat.answer()
+
+
+def test_cli_interactive_loop(model):
+    out = run_cli("--image", str(SAMPLES[0]), "--greedy", "--max-new-tokens", "12",
+                  stdin="What colour is the star?\n\n###\n/reset\nHow many objects?\n/quit\n"
+                        "never asked\n")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "/reset" in lines[0] and "/quit" in lines[0]  # the hint line
+    assert "(conversation reset)" in lines
+    assert len(lines) == 4  # hint, answer, reset, answer
+    assert "error: The question holds only template markers" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "broken", "empty-prompt", "bad-projection",
+                                  "bad-option"])
+def test_cli_errors_are_one_line(tmp_path, case):
+    image, extra = str(SAMPLES[0]), []
+    if case == "missing":
+        image = str(tmp_path / "nope.png")
+    elif case == "broken":
+        (tmp_path / "broken.png").write_bytes(SAMPLES[0].read_bytes()[:100])
+        image = str(tmp_path / "broken.png")
+    elif case == "bad-projection":
+        (tmp_path / "proj.pth").write_bytes(b"garbage")
+        extra = ["--projection", str(tmp_path / "proj.pth")]
+    elif case == "bad-option":
+        extra = ["--num-beams", "0"]
+    prompt = "   " if case == "empty-prompt" else "What colour is the star?"
+    out = run_cli("--image", image, "--prompt", prompt, *extra)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if not line.startswith("WARNING")]
+    assert len(errors) == 1 and errors[0].startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
