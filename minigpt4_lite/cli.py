@@ -145,6 +145,36 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_curate(args) -> int:
+    """The paper's stage-2 curation pipeline (Sec. 3.2) run with the stage-1 model on ToyWorld."""
+    from . import toyworld as tw
+    from .curate import curate
+
+    model = _load(args, projection=args.projection)
+    scenes = tw.make_scenes("train", args.n, start=args.start)
+    report = curate(model, scenes, args.out)
+    print(f"generated {report['generated']}, continued {report['continued']}, "
+          f"kept {report['kept']} (dropped: {report['dropped'] or 'none'})")
+    for name in ("raw_quality", "kept_quality"):
+        q = report[name]
+        if q:
+            print(f"{name:>12}: object recall {q['object_recall']:.3f}, hallucination "
+                  f"{q['hallucination_rate']:.3f}, repetition {q['repetition_rate']:.3f}")
+    Path(args.out, "curation_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"cc_sbu_align folder written to {args.out}")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    """Table 5 (architectures) and Table 8 (stage-1 data amount) in miniature."""
+    from .pipeline import run_ablations
+
+    report = run_ablations(args.out, n_eval=args.n_eval, steps_scale=args.steps_scale,
+                           n_train=args.n_train, seed=args.seed)
+    print((Path(args.out) / "ablations.md").read_text())
+    return 0 if report["rows"] else 1
+
+
 def cmd_build_assets(args) -> int:
     from .build_assets import BuildConfig, build
 
@@ -155,7 +185,7 @@ def cmd_build_assets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
+    from .config import ASSETS, PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m minigpt4_lite", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -217,6 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("curate", help="the stage-2 curation pipeline (paper Sec. 3.2) on ToyWorld")
+    _model_options(p)
+    p.add_argument("--projection", default=str(ASSETS / "projections" / "stage1"),
+                   help="the stage-1 projection that writes the drafts")
+    p.add_argument("--n", type=int, default=500, help="number of images to describe")
+    p.add_argument("--start", type=int, default=50000, help="first ToyWorld train scene index")
+    p.add_argument("--out", required=True, help="cc_sbu_align folder to write")
+    p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser("ablate", help="the paper's ablations (Tables 5 and 8) in miniature")
+    p.add_argument("--out", required=True, help="folder for ablations.md and ablations.json")
+    p.add_argument("--n-eval", type=int, default=100, help="held-out scenes per row")
+    p.add_argument("--n-train", type=int, default=5000, help="ToyWorld training scenes")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="scale the training steps (CI runs a reduced version)")
+    p.add_argument("--seed", type=int, default=42)
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("build-assets", help="rebuild assets/ (tokenizer, tiny LLM, ViT+Q-Former)")
     p.add_argument("--out", required=True)
