@@ -1,0 +1,116 @@
+"""The shipped ToyWorld backbones in assets/: they load offline, with the quality of the card."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt4_lite import toyworld as tw
+from minigpt4_lite.build_assets import (
+    BuildConfig,
+    SlotEncoder,
+    build,
+    probe_accuracy,
+    sha256,
+    slot_words,
+)
+from minigpt4_lite.chat import stop_token_variants
+from minigpt4_lite.checkpoints import load_model
+from minigpt4_lite.config import ASSETS, preset
+from minigpt4_lite.model import PROMPT_TEMPLATE
+
+pytestmark = pytest.mark.skipif(not (ASSETS / "llm" / "config.json").exists(),
+                                reason="assets/ not built")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(preset("tiny"), projection="")
+
+
+def test_tiny_preset_loads_offline(tiny):
+    counts = tiny.param_counts()
+    assert counts["trainable_params"] == counts["projection_params"] == 128 * 256 + 256
+    pixels = torch.zeros(2, 3, 60, 60)
+    assert tiny.encode_image(pixels).shape == (2, 10, 256)
+
+
+def test_tokenizer_templates_are_stable(tiny):
+    tok = tiny.tokenizer
+    for text in ["###Human: <Img>", "</Img> Describe this image in detail. ###Assistant: ",
+                 "A small red star.###"]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == text
+    hashes = tok.convert_tokens_to_ids("###")
+    assert [hashes] in stop_token_variants(tok, "###")
+    for marker in ("###", "<Img>", "</Img>"):
+        assert len(tok(marker, add_special_tokens=False).input_ids) == 1
+
+
+def test_llm_answers_colour_questions_from_words(tiny):
+    """Given the scene in words in the chat template, the frozen LLM knows the colours."""
+    scenes, rng = tw.make_scenes("heldout", 60), random.Random(0)
+    prompts, keys = [], []
+    for s in scenes:
+        qs = [(q, k) for q, _, k in tw.qa_pairs(s, rng) if k in tw.COLOURS]
+        if qs:
+            prompts.append(PROMPT_TEMPLATE.format(f"<Img>{tw.scene_in_words(s)}</Img> {qs[0][0]}"))
+            keys.append(qs[0][1])
+    batch = tiny.collate([tiny.build_example(p) for p in prompts], padding_side="left")
+    emb = tiny.llm.get_input_embeddings()(batch["input_ids"])
+    out = tiny.llm.generate(inputs_embeds=emb, attention_mask=batch["attention_mask"],
+                            max_new_tokens=12, do_sample=False,
+                            pad_token_id=tiny.tokenizer.pad_token_id)
+    answers = tiny.tokenizer.batch_decode(out, skip_special_tokens=True)
+    correct = [re.search(rf"\b{k}\b", a.split("###")[0]) is not None
+               for a, k in zip(answers, keys)]
+    assert sum(correct) / len(correct) >= 0.9
+
+
+def test_probe_accuracy_from_shipped_weights(tiny):
+    """The Q-Former's query outputs carry each object's shape, colour and position."""
+    acc = probe_accuracy(tiny.vit, tiny.qformer, tw.make_scenes("train", 400),
+                         tw.make_scenes("heldout", 100), steps=200)
+    assert min(acc.values()) >= 0.95, acc
+
+
+def test_slot_vectors_describe_the_scene(tiny):
+    scene = tw.make_scene(7)
+    words = slot_words(scene)
+    assert len(words) == 10 and words[9][0] == "background"
+    for obj in scene.objects:
+        assert words[obj.cell][-3:] == [obj.size, obj.colour, obj.shape]
+    slots = SlotEncoder(tiny.tokenizer)([scene], tiny.llm.get_input_embeddings(), 0.0)
+    assert slots.shape == (1, 10, 256)
+
+
+def test_model_card_hashes_match_files():
+    report = json.loads((ASSETS / "build_report.json").read_text())
+    card = (ASSETS / "README.md").read_text()
+    for name, digest in report["sha256"].items():
+        assert sha256(ASSETS / name) == digest, name
+        assert digest in card
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert total <= 25 * 2**20
+
+
+def test_sample_images_have_ground_truth():
+    truth = json.loads((ASSETS / "samples" / "ground_truth.json").read_text())
+    assert len(truth) >= 4
+    for name in truth:
+        assert (ASSETS / "samples" / name).exists()
+
+
+@pytest.mark.slow
+def test_miniature_build_produces_loadable_assets(tmp_path):
+    report = build(tmp_path, BuildConfig(steps_scale=0.004, n_train_scenes=2000))
+    assert (tmp_path / "README.md").exists() and (tmp_path / "llm" / "tokenizer.json").exists()
+    cfg = preset("tiny", llm=str(tmp_path / "llm"),
+                 vision_qformer=str(tmp_path / "vision_qformer"))
+    model = load_model(cfg, projection="")
+    assert model.encode_image(torch.zeros(1, 3, 60, 60)).shape == (1, 10, 256)
+    assert set(report["vision_qformer"]) >= {"shape_accuracy", "colour_accuracy"}
+    assert Path(tmp_path / "samples" / "ground_truth.json").exists()
