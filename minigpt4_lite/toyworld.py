@@ -292,8 +292,12 @@ _BACKGROUND_SENTENCES = ("The background is {bg}.", "Everything sits on a {bg} b
 
 def detailed_description(scene: Scene, rng: random.Random) -> str:
     """2-6 sentences: the count, every object with size, colour, shape and place, one true spatial
-    relation (when there are two or more objects) and the background colour."""
-    objs, n = _shuffled(scene, rng), len(scene.objects)
+    relation (when there are two or more objects) and the background colour.
+
+    Objects come in reading order (top left to bottom right), as a person scanning the picture
+    would list them; a fixed order also keeps the tiny LLM from repeating or skipping objects.
+    """
+    objs, n = list(scene.objects), len(scene.objects)
     noun = rng.choice(["object", "shape"])
     sentences = [rng.choice(_COUNT_SENTENCES).format(be="is" if n == 1 else "are",
                                                      count=_count(n, noun))]
