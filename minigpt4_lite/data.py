@@ -62,7 +62,7 @@ class ToyWorldDataset:
                  kinds: dict[str, float] | None = None):
         self.stage, self.seed = stage, seed
         self.scenes = tw.make_scenes(split, n, start=start)
-        self.kinds = kinds or {"detailed": 0.55, "qa": 0.25, "poem": 0.1, "story": 0.1}
+        self.kinds = kinds or {"detailed": 0.7, "qa": 0.2, "poem": 0.05, "story": 0.05}
 
     def __len__(self) -> int:
         return len(self.scenes)

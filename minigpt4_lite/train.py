@@ -71,10 +71,10 @@ RECIPES = {
     "paper-stage2": TrainConfig(stage=2, steps=400, batch_size=12, lr=3e-5, min_lr=1e-5,
                                 warmup_steps=200),
     # The embedded ToyWorld default: minutes on a laptop CPU.
-    "tiny-stage1": TrainConfig(stage=1, steps=400, batch_size=32, lr=3e-3, min_lr=3e-4,
-                               warmup_steps=40),
-    "tiny-stage2": TrainConfig(stage=2, steps=200, batch_size=16, lr=1e-3, min_lr=1e-4,
-                               warmup_steps=20),
+    "tiny-stage1": TrainConfig(stage=1, steps=800, batch_size=32, lr=3e-3, min_lr=3e-4,
+                               warmup_steps=50),
+    "tiny-stage2": TrainConfig(stage=2, steps=400, batch_size=16, lr=2e-3, min_lr=1e-4,
+                               warmup_steps=30),
 }
 
 
