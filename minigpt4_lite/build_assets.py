@@ -525,6 +525,11 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
     return report
 
 
+def _seconds(report: dict) -> str:
+    parts = {k: v for k, v in report.get("seconds", {}).items() if k != "total"}
+    return ", ".join(f"{k}: {v:.0f} s" for k, v in parts.items()) or "one run"
+
+
 def write_model_card(out: str | Path, report: dict) -> Path:
     """`assets/README.md`: how each asset was built, its figures, and every file's sha256."""
     out = Path(out)
@@ -534,7 +539,8 @@ def write_model_card(out: str | Path, report: dict) -> Path:
 
 Built by `python -m minigpt4_lite build-assets --out assets` (`minigpt4_lite/build_assets.py`),
 deterministic for seed {b['seed']}; measured build time {report['seconds_total']:.0f} s on
-{report.get('machine', 'this machine')}. Everything here is loaded by `preset("tiny")` offline.
+{report.get('machine', 'this machine')} ({_seconds(report)}). Everything here is loaded by
+`preset("tiny")` offline.
 
 ## `llm/`: the tiny "Vicuna" (a `LlamaForCausalLM` + a byte-level BPE fast tokenizer)
 - {llm['params']:,} parameters: {b['llm_layers']} layers x {b['llm_hidden']} wide,
