@@ -49,10 +49,12 @@ def measure(n: int, ks: list[int], projections: dict[str, Path | None]) -> dict:
 
 
 def table(results: dict, ks: list[int]) -> str:
-    head = "| projection | " + " | ".join(f"k={k}: scenes | k={k}: objects" for k in ks) + " |"
-    rows = [head, "|---|" + "---|---|" * len(ks)]
+    head = "| projection | " + " | ".join(f"k={k}: scenes | objects | precision"
+                                         for k in ks) + " |"
+    rows = [head, "|---|" + "---|---|---|" * len(ks)]
     for name, by_k in results.items():
-        cells = [f"{by_k[k]['scene_rate']:.1%} | {by_k[k]['object_rate']:.1%}" for k in ks]
+        cells = [f"{by_k[k]['scene_rate']:.1%} | {by_k[k]['object_rate']:.1%} | "
+                 f"{by_k[k]['precision']:.1%}" for k in ks]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -98,8 +100,9 @@ def main(argv=None) -> None:
 
 Share of {args.n} held-out ToyWorld scenes where the pooled top-k cosine-nearest vocabulary tokens
 of all projected visual tokens include the colour word and the shape word of every object
-("scenes"); "objects" is the same test per object (`viz.lens_hits`). No generation: this reads
-the projected tokens directly against the LLM's input-embedding table.
+("scenes"); "objects" is the same test per object; "precision" is the share of the colour and
+shape words in those pooled sets that name something in the scene (`viz.lens_hits`). No
+generation: this reads the projected tokens directly against the LLM's input-embedding table.
 
 {md}
 
