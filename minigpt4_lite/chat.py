@@ -167,18 +167,18 @@ def sanitize(text: str) -> str:
     """User (or generated) text made safe to put inside a turn of the template. Strip, not escape:
 
     - control and format characters (newlines, tabs, NUL, zero-width...) become spaces;
-    - every `#` is dropped: the separator is `###`, and a `#` next to it would change its tokens;
-    - tag-like tokens (`<Img>`, `</Img>`, `<ImageHere>`, `<s>`, `</s>`, ...) are removed, so text
+    - every `#` becomes a space: the separator is `###`, and a `#` next to it would change it;
+    - tag-like tokens (`<Img>`, `</Img>`, `<ImageHere>`, `<s>`, `</s>`, ...) become spaces, so text
       never adds an image slot (`build_example` splits at `<ImageHere>`) or a special token;
     - role markers lose their colon (`Human:` -> `Human`), so text cannot open a new turn;
-    - whitespace is collapsed. Repeated until nothing changes (`<Im<s>g>` -> `<Img>` -> ``).
+    - whitespace is collapsed. Repeated until nothing changes.
     Escaping would keep these characters for the LLM to read, but a tiny LLM never saw them.
     """
     previous = None
     while text != previous:
         previous = text
         text = "".join(" " if unicodedata.category(c) in _SPACE else c for c in text)
-        text = " ".join(_ROLE.sub(r"\1", _TAG.sub("", text.replace("#", ""))).split())
+        text = " ".join(_ROLE.sub(r"\1", _TAG.sub(" ", text.replace("#", " "))).split())
     return text
 
 
@@ -189,9 +189,8 @@ class Chat:
     tokens; `ask(text)` adds a question (after a space, in the same message, right after an
     upload); `answer()` generates from `conv.prompt()` with the `Assistant:` turn open, cut at
     `###`. When the prompt + `max_new_tokens` would exceed `settings.max_length` or the LLM's
-    `max_position_embeddings`, the oldest context is cut and a sentence is added to `notices`
-    (and logged): old exchanges first (an image message is kept, bare), then old images, then the
-    start of the current question, then `max_new_tokens`.
+    `max_position_embeddings`, the oldest context is cut (see `_fit`) and a sentence is added to
+    `notices` and logged as a warning: the chat never crashes on a long conversation.
     """
 
     def __init__(self, model, settings: GenerationSettings | None = None):
@@ -355,9 +354,9 @@ class Chat:
     def _shorten_question(self, room, floor: int) -> None:
         """Keep only the end of the current question (at least `floor` tokens) while too long."""
         msg = self.conv.messages[-2]  # the question right before the open Assistant turn
-        if room() >= 0 or msg[0] != self.conv.roles[0]:
-            return
         head = IMAGE_MESSAGE + " " if msg[1].startswith(IMAGE_MESSAGE + " ") else ""
+        if room() >= 0 or (IMAGE_PLACEHOLDER in msg[1] and not head):  # no question to shorten
+            return
         ids = self.model.text_ids(msg[1][len(head):])
         keep = len(ids)
         while keep > floor and room() < 0:

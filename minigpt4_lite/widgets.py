@@ -24,7 +24,7 @@ from .processing import load_image
 
 DISPLAY_PX = 240  # ToyWorld images are 60 px: upscaled (nearest) so that shapes stay crisp
 THUMB_PX = 52
-FONT = "font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; font-size: 14px;"
+FONT = 'font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; font-size: 14px;'
 BUBBLE = "padding: 8px 12px; margin: 4px 0; border-radius: 14px; max-width: 78%; line-height: 1.4;"
 STYLES = {  # kind -> (row alignment, bubble style, label)
     "user": ("flex-end", "background: #2563eb; color: white; border-bottom-right-radius: 4px;",
@@ -81,11 +81,11 @@ class ChatWidget(w.VBox):
         self.chat = Chat(model, settings or GenerationSettings(do_sample=False, max_new_tokens=60))
         self.history: list[tuple[str, str]] = []
         self.current: tuple[str, Image.Image] | None = None  # (name, image) being discussed
-        self.transcript = w.HTML(render_transcript([]), layout=w.Layout(width="100%"))
-        self.image_view = w.Image(format="png", layout=w.Layout(width=f"{DISPLAY_PX}px",
-                                                                height=f"{DISPLAY_PX}px"))
+        self.transcript = w.HTML(render_transcript([]), layout=w.Layout(width="auto"))
+        self.image_view = w.Image(format="png", layout=w.Layout(
+            width=f"{DISPLAY_PX}px", height=f"{DISPLAY_PX}px", border="1px solid #e2e8f0"))
         self.image_caption = w.HTML()
-        self.upload = w.FileUpload(accept="image/*", multiple=False, description="Upload image",
+        self.upload = w.FileUpload(accept="image/*", multiple=False, description="Upload your own",
                                    layout=w.Layout(width=f"{DISPLAY_PX}px"))
         self.upload.observe(self._on_upload, "value")
         self.text = w.Text(placeholder="Ask about the image", continuous_update=False,
@@ -97,19 +97,27 @@ class ChatWidget(w.VBox):
         self.reset_button = w.Button(description="Reset", icon="refresh", tooltip="New chat, "
                                      "same image", layout=w.Layout(width="90px"))
         self.reset_button.on_click(lambda _: self.reset_chat())
-        self.temperature = w.FloatSlider(0.0, min=0.0, max=2.0, step=0.1,
-                                         description="temperature", readout_format=".1f")
-        self.max_new_tokens = w.IntSlider(60, min=8, max=300, step=4, description="max tokens")
-        self.num_beams = w.IntSlider(1, min=1, max=4, description="beams")
+        look = dict(style={"description_width": "initial"}, layout=w.Layout(width="232px"))
+        self.temperature = w.FloatSlider(0.0, min=0.0, max=2.0, step=0.1, readout_format=".1f",
+                                         description="temperature", **look)
+        self.max_new_tokens = w.IntSlider(60, min=8, max=300, step=4, description="max tokens",
+                                          **look)
+        self.num_beams = w.IntSlider(1, min=1, max=4, description="beams", **look)
         self.status = w.HTML(f"<span style='{FONT} color: #64748b; font-size: 12px'>"
                              "temperature 0 = greedy (deterministic)</span>")
         self.samples = self._samples(samples_dir)
-        gallery = [self._thumbnail(path) for path in self.samples]
+        self.sample_buttons: list[w.Button] = []
+        super().__init__(self._layout(), layout=w.Layout(width="100%", max_width="980px"))
+        if self.samples:
+            self.choose(self.samples[0])
+
+    def _layout(self) -> list[w.Widget]:
+        """Title; left: image, gallery, upload; right: transcript, question, sliders, status."""
+        gallery = [self._thumbnail(path, i + 1) for i, path in enumerate(self.samples)]
         left = w.VBox([self.image_view, self.image_caption,
-                       w.GridBox(gallery, layout=w.Layout(grid_template_columns="repeat(4, 1fr)",
-                                                          grid_gap="4px",
-                                                          width=f"{DISPLAY_PX}px")),
-                       self.upload], layout=w.Layout(width=f"{DISPLAY_PX + 16}px"))
+                       w.HBox(gallery, layout=w.Layout(flex_flow="row wrap",
+                                                       width=f"{DISPLAY_PX + 8}px")),
+                       self.upload], layout=w.Layout(width=f"{DISPLAY_PX + 12}px", flex="0 0 auto"))
         sliders = w.HBox([self.temperature, self.max_new_tokens, self.num_beams],
                          layout=w.Layout(flex_flow="row wrap"))
         right = w.VBox([self.transcript, w.HBox([self.text, self.send_button, self.reset_button]),
@@ -117,10 +125,7 @@ class ChatWidget(w.VBox):
         title = w.HTML(f"<div style='{FONT} font-size: 18px; font-weight: 600; color: #0f172a'>"
                        "MiniGPT-4 <span style='font-weight: 400; color: #64748b'>lite &middot; "
                        "chat about an image</span></div>")
-        super().__init__([title, w.HBox([left, right], layout=w.Layout(grid_gap="16px"))],
-                         layout=w.Layout(width="100%", max_width="980px"))
-        if self.samples:
-            self.choose(self.samples[0])
+        return [title, w.HBox([left, right], layout=w.Layout(grid_gap="16px"))]
 
     # --- images ---------------------------------------------------------------------------------
     @staticmethod
@@ -128,11 +133,13 @@ class ChatWidget(w.VBox):
         folder = Path(samples_dir) if samples_dir is not None else ASSETS / "samples"
         return sorted(folder.glob("*.png"))[:8] if folder.is_dir() else []
 
-    def _thumbnail(self, path: Path) -> w.VBox:
+    def _thumbnail(self, path: Path, number: int) -> w.VBox:
         """A small image with a button under it that starts a chat about it."""
-        button = w.Button(description=f"{path.stem[-3:]}", tooltip=path.name,
-                          layout=w.Layout(width=f"{THUMB_PX}px", height="24px", padding="0"))
+        button = w.Button(description=str(number), tooltip=f"Chat about {path.name}",
+                          layout=w.Layout(width=f"{THUMB_PX}px", height="22px", padding="0",
+                                          margin="0"))
         button.on_click(lambda _: self.choose(path))
+        self.sample_buttons.append(button)
         return w.VBox([w.Image(value=png_bytes(load_image(path), THUMB_PX), format="png",
                                layout=w.Layout(width=f"{THUMB_PX}px", height=f"{THUMB_PX}px")),
                        button], layout=w.Layout(align_items="center"))
@@ -146,10 +153,11 @@ class ChatWidget(w.VBox):
             self._add("error", str(e))
             return False
         self.current = (name, image)
+        for button, path in zip(self.sample_buttons, self.samples):  # highlight the chosen one
+            button.button_style = "info" if Path(path).name == name else ""
         self.image_view.value = png_bytes(image, DISPLAY_PX)
         self.image_caption.value = (f"<div style='{FONT} color: #64748b; font-size: 12px; "
-                                    f"text-align: center'>{html.escape(name)} &middot; "
-                                    f"{image.width}&times;{image.height} px</div>")
+                                    f"text-align: center'>{html.escape(name)}</div>")
         self.reset_chat()
         return True
 

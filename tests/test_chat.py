@@ -133,8 +133,9 @@ def test_answer_needs_a_question(model):
 @pytest.mark.parametrize("text, expected", [
     ("What ### colour", "What colour"),
     ("Human: hi Assistant: ok", "Human hi Assistant ok"),
-    ("a<ImageHere>b <Img>c</Img> </s>", "ab c"),
-    ("<Im<s>g>x", "x"),
+    ("a<ImageHere>b <Img>c</Img> </s>", "a b c"),
+    ("<Im<s>g>x", "<Im g>x"),
+    ("What colour?###Assistant: red", "What colour? Assistant red"),
     ("line\nbreak\x00zero\u200bwidth", "line break zero width"),
     ("I <3 red stars!", "I <3 red stars!"),
 ])
@@ -181,27 +182,27 @@ def limit_of(model, settings):
 
 def test_long_conversation_cuts_oldest_turns_and_keeps_the_image(model):
     assert model.llm.config.max_position_embeddings == 512
-    chat = Chat(model, dataclasses.replace(GREEDY, max_new_tokens=16))
+    chat = Chat(model, dataclasses.replace(GREEDY, max_new_tokens=8))
     chat.upload(SAMPLES[0])
-    for i in range(25):
-        chat.ask(f"Question {i}: where is the star, and what colour is the circle? " * 2)
+    for i in range(16):
+        chat.ask(f"Question {i}: where is the star, and what colour is the circle? " * 3)
         chat.answer()
         prompt_len = len(model.build_example(chat.conv.prompt()).ids)
         assert prompt_len <= 512
     assert any("removed" in n and "oldest" in n for n in chat.notices)
     assert n_slots(model, chat) == model.cfg.num_visual_tokens  # the image message stayed
     assert chat.conv.messages[0] == ["Human", IMAGE_MESSAGE]
-    assert chat.conv.messages[-2][1].startswith("Question 24")
+    assert chat.conv.messages[-2][1].startswith("Question 15")
 
 
 def test_very_long_question_is_shortened_not_crashed(model):
-    chat = Chat(model)  # the default max_new_tokens (300) does not fit with it either
+    chat = Chat(model, dataclasses.replace(GREEDY, max_length=200, max_new_tokens=150))
     chat.upload(SAMPLES[0])
     chat.ask("tell me about the red star " * 400 + "What colour is the circle?")
     answer = chat.answer()
     assert isinstance(answer, str)
     assert any("question was too long" in n for n in chat.notices)
-    assert any("max_new_tokens was lowered" in n for n in chat.notices)
+    assert any("lowered from 150 to 100" in n for n in chat.notices)  # half the context
     assert n_slots(model, chat) == model.cfg.num_visual_tokens
     assert "What colour is the circle?" in chat.conv.messages[-2][1]  # its end was kept
 
@@ -235,6 +236,17 @@ def test_impossible_limit_is_a_clear_error_and_the_chat_survives(model):
     assert isinstance(chat.answer(SHORT), str)
 
 
+def test_an_image_without_question_is_never_cut_in_half(model):
+    chat = Chat(model)
+    chat.upload(SAMPLES[0])
+    chat.conv.append("Assistant", None)
+    tight = chat._length() + 1  # room for exactly one new token
+    chat.conv.messages.pop()
+    assert isinstance(chat.answer(dataclasses.replace(GREEDY, max_length=tight)), str)
+    assert chat.conv.messages[0] == ["Human", IMAGE_MESSAGE]
+    assert any("lowered from 300 to 1" in n for n in chat.notices)
+
+
 # --- streaming and batches --------------------------------------------------------------------
 def test_stream_yields_the_answer_in_pieces(model):
     chat = Chat(model, GREEDY)
@@ -264,11 +276,11 @@ def test_stream_reraises_generation_errors(model, monkeypatch):
 
 def test_answer_batch_equals_single_answers(model):
     questions = ["What colour is the star?", "How many objects are there?"]
-    settings = dataclasses.replace(GREEDY, max_new_tokens=24)
+    settings = dataclasses.replace(GREEDY, max_new_tokens=16)
     for question in questions:
-        batch = answer_batch(model, SAMPLES[:4], question, settings)
+        batch = answer_batch(model, SAMPLES[:3], question, settings)
         single = []
-        for path in SAMPLES[:4]:
+        for path in SAMPLES[:3]:
             chat = Chat(model, settings)
             chat.upload(path)
             chat.ask(question)
@@ -294,10 +306,13 @@ def run_cli(*args, stdin=None):
                           capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
 
 
-def test_cli_prompt_greedy_is_deterministic(model):
+def test_cli_prompt_greedy_is_deterministic(model, tmp_path):
     args = ("--preset", "tiny", "--image", str(SAMPLES[0]), "--prompt",
             "What colour is the star?", "--greedy", "--max-new-tokens", "24")
-    first, second = run_cli(*args), run_cli(*args)
+    official = tmp_path / "pretrained_minigpt4.pth"  # the stage-2 projection, official layout
+    torch.save({"model": {f"llama_proj.{k}": v for k, v in model.llama_proj.state_dict().items()},
+                "optimizer": None, "epoch": 4}, official)
+    first, second = run_cli(*args), run_cli(*args, "--projection", str(official))
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.strip()
     chat = Chat(model, dataclasses.replace(GREEDY, max_new_tokens=24))

@@ -2,10 +2,12 @@
 
 import datetime
 import html
+import io
 from pathlib import Path
 
 import ipywidgets as w
 import pytest
+from PIL import Image
 
 from minigpt4_lite.config import ASSETS, preset
 from minigpt4_lite.widgets import ChatWidget, chat_widget, png_bytes, render_transcript
@@ -97,6 +99,7 @@ def test_good_upload_starts_a_new_chat(widget):
 def test_gallery_reset_and_bad_questions(widget):
     widget.choose(SAMPLES[2])
     assert widget.history[-1][1].endswith(SAMPLES[2].name)
+    assert [b.button_style for b in widget.sample_buttons][:4] == ["", "", "info", ""]
     widget.text.value = "###"
     assert widget.history[-1][0] == "error"  # a question of markers only: said, not crashed
     widget.text.value = "Where is the star?"
@@ -129,11 +132,7 @@ def test_sliders_become_settings(widget):
 def test_transcript_escapes_html_and_images_are_upscaled():
     page = render_transcript([("user", "<script>alert(1)</script>"), ("assistant", "")])
     assert "<script>" not in page and "&lt;script&gt;" in page
-    from PIL import Image
-
     data = png_bytes(Image.new("RGB", (60, 60)), 240)
-    import io
-
     assert Image.open(io.BytesIO(data)).size == (240, 240)
 
 
