@@ -53,4 +53,4 @@ def test_ablations_reduced(tmp_path):
     assert {"stage-1 data 10%", "stage-1 data 100%"} <= set(report["rows"])
     table = (tmp_path / "ablations.md").read_text()
     assert "58.2 / 32.2" in table and "1.62" in table
-    assert json.loads((tmp_path / "ablations.json").read_text())["n_eval"] == 4
+    assert json.loads((tmp_path / "ablations.json").read_text())["n_eval"] == 2
