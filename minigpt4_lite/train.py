@@ -289,5 +289,6 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
     checkpoint()
     if cfg.out_dir and acc.is_main_process:
         save_pretrained(model, cfg.out_dir)
+    acc.wait_for_everyone()  # no rank returns (or exits) while rank 0 is still writing
     model.eval()
     return history

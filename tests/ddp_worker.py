@@ -65,3 +65,7 @@ with open(f"{out}/rank{rank}.json", "w") as f:
                "local_differs": float((gathered[0] - gathered[1]).abs().max()),
                "replica_diff": float((ws[0] - ws[1]).abs().max()),
                "losses": [h["loss"] for h in history]}, f)
+# Tear the process group down before exiting: a gloo group still alive at interpreter exit can
+# abort the process ("terminate called without an active exception").
+dist.barrier()
+dist.destroy_process_group()

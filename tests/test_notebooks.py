@@ -1,0 +1,95 @@
+"""The workbook's chapters: Colab badge, setup cell, stored outputs, and the READMEs' links.
+
+These are static checks of the `.ipynb` files; running the notebooks is nbval's job
+(`pytest --nbval-lax notebooks/`).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+CHAPTERS = ("01_alignment", "02_stage1_pretraining", "03_stage2_finetuning", "04_chat",
+            "05_attention_and_projected_tokens", "06_real_minigpt4")
+WITH_IMAGES = ("01_alignment", "02_stage1_pretraining", "03_stage2_finetuning",
+               "05_attention_and_projected_tokens")
+BADGE_SVG = "https://colab.research.google.com/assets/colab-badge.svg"
+COLAB = "https://colab.research.google.com/github/minigpt4-lite/minigpt4-lite/blob/main/notebooks/"
+REPO_URL = re.compile(r'^REPO_URL = "https://github\.com/minigpt4-lite/minigpt4-lite"$', re.M)
+ROOT_LINK = re.compile(r"\]\(\s*(?:\./)?notebooks/(\d\d_[A-Za-z0-9_]+)\.ipynb\s*\)")
+LOCAL_LINK = re.compile(r"\]\(\s*(?:\./)?(\d\d_[A-Za-z0-9_]+)\.ipynb\s*\)")
+
+
+def load(name: str) -> dict:
+    return json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
+
+
+def source(cell: dict) -> str:
+    s = cell["source"]
+    return s if isinstance(s, str) else "".join(s)
+
+
+def code_cells(nb: dict) -> list[dict]:
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def test_the_chapters_are_the_notebooks():
+    found = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
+    assert found == sorted(CHAPTERS), "notebooks/ holds exactly the numbered chapters"
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_colab_badge_first(name):
+    first = load(name)["cells"][0]
+    assert first["cell_type"] == "markdown"
+    text = source(first)
+    assert BADGE_SVG in text
+    assert f"({COLAB}{name}.ipynb)" in text, "the badge opens this very notebook"
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_setup_cell(name):
+    first_code = source(code_cells(load(name))[0])
+    assert REPO_URL.search(first_code), "the setup cell names REPO_URL once, as a plain variable"
+    assert '"google.colab" in sys.modules' in first_code, "it installs only inside Colab"
+    assert "pip" in first_code and "install" in first_code
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_outputs_are_stored(name):
+    cells = code_cells(load(name))
+    counts = [c.get("execution_count") for c in cells]
+    assert all(isinstance(n, int) for n in counts), f"{name} has unexecuted cells: run it and save"
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), \
+        f"{name} was not executed top to bottom in one run (execution counts {counts})"
+    outputs = [o for c in cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o["output_type"] == "error"], f"{name} stored an error"
+    assert outputs, f"{name} has no stored outputs"
+    if name in WITH_IMAGES:
+        assert any("image/png" in o.get("data", {}) for o in outputs), f"{name} shows no plot"
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_ends_with_exercises(name):
+    markdown = [source(c) for c in load(name)["cells"] if c["cell_type"] == "markdown"]
+    assert "## Try it" in markdown[-1]
+
+
+def _linked(readme: Path, pattern: re.Pattern) -> set[str]:
+    return set(pattern.findall(readme.read_text()))
+
+
+def test_root_readme_links_every_chapter():
+    linked = _linked(ROOT / "README.md", ROOT_LINK)
+    missing = sorted(set(CHAPTERS) - linked)
+    names = ", ".join(f"notebooks/{m}.ipynb" for m in missing)
+    assert not missing, f"README.md does not link {names} (paste notebooks/README.md's table)"
+    assert linked <= set(CHAPTERS), f"README.md links notebooks that do not exist: {linked}"
+
+
+def test_notebooks_readme_links_every_chapter():
+    linked = _linked(NOTEBOOKS / "README.md", LOCAL_LINK)
+    assert linked == set(CHAPTERS)
