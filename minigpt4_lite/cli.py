@@ -77,7 +77,9 @@ def cmd_train(args) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("lr", args.lr), ("grad_accum", args.grad_accum),
                                    ("precision", args.precision)) if v is not None}
-    cfg = recipe(name, out_dir=args.out, seed=args.seed, save_every=args.save_every, **overrides)
+    compile_ = {"auto": None, "on": True, "off": False}[args.compile]
+    cfg = recipe(name, out_dir=args.out, seed=args.seed, save_every=args.save_every,
+                 compile=compile_, **overrides)
     history = train(model, dataset, cfg)
     if history:
         print(f"stage {args.stage}: {len(history)} steps, final loss {history[-1]['loss']:.4f}; "
@@ -162,6 +164,12 @@ def cmd_curate(args) -> int:
                   f"{q['hallucination_rate']:.3f}, repetition {q['repetition_rate']:.3f}")
     Path(args.out, "curation_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"cc_sbu_align folder written to {args.out}")
+    if args.compare:
+        from .pipeline import compare_curated
+
+        compare_curated(args.out, Path(args.out) / "comparison", n_eval=args.n_eval,
+                        stage1=args.projection)
+        print((Path(args.out) / "comparison" / "comparison.md").read_text())
     return 0
 
 
@@ -220,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="override the peak learning rate")
     p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"))
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the frozen LLM for the run (auto: runs of >= 200 steps "
+                        "where a C++ compiler or a GPU is there; falls back to eager on failure)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) broken samples")
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_train)
@@ -255,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=500, help="number of images to describe")
     p.add_argument("--start", type=int, default=50000, help="first ToyWorld train scene index")
     p.add_argument("--out", required=True, help="cc_sbu_align folder to write")
+    p.add_argument("--compare", action="store_true",
+                   help="then train stage 2 on the curated set and on ToyWorld's exact "
+                        "descriptions of the same images, and evaluate both (DIR/comparison/)")
+    p.add_argument("--n-eval", type=int, default=200,
+                   help="held-out scenes for --compare's evaluation")
     p.set_defaults(func=cmd_curate)
 
     p = sub.add_parser("ablate", help="the paper's ablations (Tables 5 and 8) in miniature")

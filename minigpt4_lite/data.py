@@ -64,6 +64,14 @@ class ToyWorldDataset:
         self.scenes = tw.make_scenes(split, n, start=start)
         self.kinds = kinds or {"detailed": 0.7, "qa": 0.2, "poem": 0.05, "story": 0.05}
 
+    @classmethod
+    def from_scenes(cls, stage: int, scenes: list[tw.Scene], seed: int = 0,
+                    kinds: dict[str, float] | None = None) -> ToyWorldDataset:
+        """The same texts for given scenes (e.g. exactly the images a curated set kept)."""
+        ds = cls(stage, 0, seed=seed, kinds=kinds)
+        ds.scenes = list(scenes)
+        return ds
+
     def __len__(self) -> int:
         return len(self.scenes)
 

@@ -17,7 +17,7 @@ import torch
 from . import toyworld as tw
 from .checkpoints import load_model
 from .config import preset
-from .data import ToyWorldDataset
+from .data import CCSBUAlignDataset, ToyWorldDataset
 from .evaluate import evaluate, scene_features, table3
 from .train import recipe, train
 
@@ -134,4 +134,111 @@ def ablation_markdown(report: dict) -> str:
                      f"{r['train_seconds']:.0f} | {paper} |")
     lines.append(f"\n{report['n_eval']} held-out scenes, steps scale {report['steps_scale']}, "
                  f"seed {report['seed']}.\n")
+    discussion = ablation_discussion(report)
+    if discussion:
+        lines += ["## Where ToyWorld agrees with the paper, and where not", "", *discussion, ""]
+    return "\n".join(lines)
+
+
+def _score(row: dict) -> float:
+    """One number per row for comparisons: mean of Q&A accuracy and detailed object recall."""
+    return (row["qa"]["accuracy"] + row["detailed"]["object_recall"]) / 2
+
+
+def ablation_discussion(report: dict) -> list[str]:
+    """Sentences comparing each ablation with the linear row, against the paper's direction.
+
+    Computed from the measured rows (a difference under 0.02 counts as a tie), with the reason
+    ToyWorld may differ: its LLM was pretrained to read one slot vector per Q-Former query.
+    """
+    rows, base_name = report["rows"], "linear (MiniGPT-4)"
+    if base_name not in rows:
+        return []
+    base = _score(rows[base_name])
+    why = {
+        "3-layer MLP": "the MLP trains {ratio:.0f}x the parameters on the same data, and a "
+                       "linear map is all that slot-like inputs need",
+        "no Q-Former": "our LLM was pretrained on slot vectors that match the Q-Former's "
+                       "one-query-per-cell outputs, so without it the projection must rebuild "
+                       "them from raw patches; the paper's Vicuna had no such prior",
+        "finetuned Q-Former": "training the Q-Former too moves features the LLM-side prior was "
+                              "built for, and costs a full forward/backward of it every step",
+    }
+    paper = {"3-layer MLP": "worse", "no Q-Former": "about equal (-1.3 AOK-VQA, +1.2 GQA)",
+             "finetuned Q-Former": "worse"}
+    out = []
+    for name in ("3-layer MLP", "no Q-Former", "finetuned Q-Former"):
+        if name not in rows:
+            continue
+        delta = _score(rows[name]) - base
+        ours = "about equal to" if abs(delta) < 0.02 else (
+            "better than" if delta > 0 else "worse than")
+        agrees = ours.split()[0] in paper[name]
+        ratio = rows[name]["trainable_params"] / max(1, rows[base_name]["trainable_params"])
+        reason = why[name].format(ratio=ratio)
+        out.append(f"- **{name}**: {ours} the linear projection here (score "
+                   f"{_score(rows[name]):.3f} vs {base:.3f}, mean of Q&A accuracy and detailed "
+                   f"recall); the paper found it {paper[name]}: "
+                   f"{'agrees' if agrees else 'differs'}. Context: {reason}.")
+    fractions = sorted((float(k.split()[-1].rstrip("%")) / 100, _score(r))
+                       for k, r in rows.items() if k.startswith("stage-1 data"))
+    if len(fractions) >= 2:
+        curve = ", ".join(f"{f:.0%}: {sc:.3f}" for f, sc in fractions)
+        gain_late = fractions[-1][1] - fractions[-2][1]
+        gain_early = fractions[1][1] - fractions[0][1]
+        shape = ("saturates" if gain_late < max(0.02, gain_early / 2)
+                 else "keeps improving")
+        out.append(f"- **Stage-1 data** ({curve}): the score {shape} with more caption data; the "
+                   "paper's curve rises from 10% to 50% and is flat after (1.62, 2.15, 2.26, "
+                   "2.22). Stage 2 trains on the same set in every row, which narrows the gaps "
+                   "stage 1 leaves.")
+    return out
+
+
+# --- curated vs ground-truth stage-2 data (paper Sec. 3.2) ---------------------------------------
+def compare_curated(curated: str | Path, out: str | Path, n_eval: int = 200, seed: int = 42,
+                    stage1: str | Path | None = None, steps: int | None = None) -> dict:
+    """Stage 2 on the curated `cc_sbu_align` folder vs on ToyWorld's exact descriptions.
+
+    Both start from the same stage-1 projection, see the same images (the curated set's kept
+    scenes) with the same number of steps, and are evaluated on the same held-out scenes. The gap
+    is the price of writing the stage-2 data with the stage-1 model instead of by hand.
+    """
+    from .config import ASSETS
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage1 = stage1 or ASSETS / "projections" / "stage1"
+    curated_ds = CCSBUAlignDataset(curated, seed=seed)
+    kept = [tw.make_scene(int(image_id), exclude_combos=tw.HELDOUT_COMBOS)
+            for image_id, _ in curated_ds.items]  # curate names each image by its scene seed
+    truth_ds = ToyWorldDataset.from_scenes(2, kept, seed=seed, kinds={"detailed": 1.0})
+    scenes = tw.make_scenes("heldout", n_eval)
+    rows = {}
+    for name, ds in (("curated by the stage-1 model", curated_ds),
+                     ("ground-truth descriptions", truth_ds)):
+        torch.manual_seed(seed)
+        model = load_model(preset("tiny"), projection=str(stage1))
+        t0 = time.time()
+        cfg = recipe("tiny-stage2", seed=seed, **({"steps": steps} if steps else {}))
+        train(model, ds, cfg, resume=False)
+        rows[name] = {**evaluate(model, scenes, registers=("detailed", "poem", "qa")),
+                      "train_seconds": round(time.time() - t0, 1), "n_train": len(ds)}
+    report = {"rows": rows, "n_eval": n_eval, "seed": seed, "curated": str(curated)}
+    (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "comparison.md").write_text(comparison_markdown(report))
+    return report
+
+
+def comparison_markdown(report: dict) -> str:
+    lines = ["| stage-2 data | images | detailed: failure | recall | hallucination | repetition "
+             "| poem: failure | Q&A acc. |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in report["rows"].items():
+        d = r["detailed"]
+        lines.append(f"| {name} | {r['n_train']} | {d['failure_rate']:.1%} | "
+                     f"{d['object_recall']:.3f} | {d['hallucination_rate']:.3f} | "
+                     f"{d['repetition_rate']:.3f} | {r['poem']['failure_rate']:.1%} | "
+                     f"{r['qa']['accuracy']:.1%} |")
+    lines.append(f"\n{report['n_eval']} held-out scenes, seed {report['seed']}; both rows start "
+                 "from the same stage-1 projection and train the same steps.\n")
     return "\n".join(lines)

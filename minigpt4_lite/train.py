@@ -54,6 +54,9 @@ class TrainConfig:
     feature_cache: bool = True  # reuse frozen features where exact (no augmentation)
     out_dir: str | None = None
     save_every: int = 0  # steps between checkpoints (0: only at the end or on interrupt)
+    # torch.compile the frozen LLM's forward for the run; None = auto: on for runs of at least
+    # COMPILE_MIN_STEPS steps (the one-time compile must pay for itself) where a compiler exists
+    compile: bool | None = None
 
     @property
     def end_sym(self) -> str:
@@ -198,6 +201,47 @@ def load_checkpoint(path: Path, model: MiniGPT4, opt, generator: torch.Generator
     return meta
 
 
+# --- compiling the frozen LLM ---------------------------------------------------------------------
+COMPILE_MIN_STEPS = 200
+
+
+def should_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """`cfg.compile`, or auto: long runs on a GPU, or on a CPU with a C++ compiler (inductor's)."""
+    import shutil
+
+    if cfg.compile is not None:
+        return cfg.compile
+    if cfg.steps < COMPILE_MIN_STEPS:
+        return False
+    return device.type == "cuda" or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def compile_llm(llm: torch.nn.Module):
+    """Swap `llm.forward` for a `torch.compile`d one; returns a function that undoes it.
+
+    The loop's time is almost all the frozen LLM's forward and backward (into its inputs only), and
+    compiling fuses its small kernels: same math, results equal up to float rounding (measured in
+    BENCHMARKS.md). `dynamic=True` because caption lengths vary from batch to batch. If compiling
+    fails (no working compiler, an unsupported op), training warns and goes on eagerly.
+    """
+    eager = llm.forward
+    compiled = torch.compile(eager, dynamic=True)
+
+    def forward(*args, **kwargs):
+        nonlocal compiled
+        if compiled is not None:
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - a real error re-raises from the eager call
+                log.warning("torch.compile failed (%s: %s); training continues without it.",
+                            type(e).__name__, str(e).splitlines()[0][:200])
+                compiled = None
+        return eager(*args, **kwargs)
+
+    llm.forward = forward  # an instance attribute shadows the class's method...
+    return lambda: delattr(llm, "forward")  # ...and deleting it restores the eager one
+
+
 # --- the loop -------------------------------------------------------------------------------------
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.precision != "auto":
@@ -236,6 +280,7 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
              and model.cfg.freeze_qformer else None)
     ddp_model, opt = acc.prepare(model, opt)
     model.train()
+    uncompile = compile_llm(model.llm) if should_compile(cfg, device) else None
 
     def checkpoint():
         if ckpt is not None and acc.is_main_process:
@@ -286,6 +331,8 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
         raise
     finally:
         bar.close()
+        if uncompile is not None:
+            uncompile()  # generation after training runs eagerly (it has its own fast paths)
     checkpoint()
     if cfg.out_dir and acc.is_main_process:
         save_pretrained(model, cfg.out_dir)

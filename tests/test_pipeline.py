@@ -40,6 +40,17 @@ def test_curation_writes_ccsbu_folder_the_loader_reads(tmp_path):
     assert data[0].prompt.startswith("###Human: <Img><ImageHere></Img>")
     assert report["kept_quality"]["object_recall"] > 0
 
+    # stage 2 on the curated set vs on the exact descriptions of the very same images
+    from minigpt4_lite.pipeline import compare_curated
+
+    cmp = compare_curated(tmp_path / "cur", tmp_path / "cmp", n_eval=2, steps=2)
+    rows = cmp["rows"]
+    assert list(rows) == ["curated by the stage-1 model", "ground-truth descriptions"]
+    assert rows["curated by the stage-1 model"]["n_train"] == rows["ground-truth descriptions"][
+        "n_train"] == report["kept"]
+    assert {"detailed", "poem", "qa"} <= set(rows["ground-truth descriptions"])
+    assert "| ground-truth descriptions |" in (tmp_path / "cmp" / "comparison.md").read_text()
+
 
 @needs_assets
 @pytest.mark.slow
@@ -53,4 +64,5 @@ def test_ablations_reduced(tmp_path):
     assert {"stage-1 data 10%", "stage-1 data 100%"} <= set(report["rows"])
     table = (tmp_path / "ablations.md").read_text()
     assert "58.2 / 32.2" in table and "1.62" in table
+    assert "**no Q-Former**" in table and "**Stage-1 data** (10%" in table  # the discussion
     assert json.loads((tmp_path / "ablations.json").read_text())["n_eval"] == 2

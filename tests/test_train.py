@@ -243,3 +243,24 @@ def test_corrupt_image_in_data_names_sample(model, tmp_path):
 
 def test_image_files_are_real_jpegs():
     assert Image.open(io.BytesIO(_jpeg(0))).format == "JPEG"
+
+
+def test_compile_is_auto_for_long_runs_only(model):
+    from minigpt4_lite.train import COMPILE_MIN_STEPS, should_compile
+
+    cpu = torch.device("cpu")
+    assert not should_compile(_cfg(steps=COMPILE_MIN_STEPS - 1), cpu)  # would not pay for itself
+    assert should_compile(_cfg(steps=5, compile=True), cpu)
+    assert not should_compile(_cfg(steps=10 * COMPILE_MIN_STEPS, compile=False), cpu)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_is_undone(model, llama_dir):
+    ds = ToyWorldDataset(1, 12)
+    init = {k: v.clone() for k, v in model.llama_proj.state_dict().items()}
+    eager = train(model, ds, _cfg(steps=3, compile=False))
+    model.llama_proj.load_state_dict(init)
+    compiled = train(model, ds, _cfg(steps=3, compile=True))
+    # same batches, same math: equal up to float rounding (or exactly, if it fell back to eager)
+    assert [h["loss"] for h in compiled] == pytest.approx([h["loss"] for h in eager], rel=1e-4)
+    assert "forward" not in vars(model.llm), "after training the LLM runs eagerly again"
