@@ -16,7 +16,7 @@ Paths timed, interleaved (peer, ours, peer, ours, ...) to cancel drift, median o
 - `ours`: the library's default training path (`train` with a recipe's step count): frozen
   features precomputed once per image (`build_feature_cache`), the step runs `model(batch)` on them
   with the LLM compiled by `train.compile_llm` when `train.should_compile` says `train` would (long
-  runs, a compiler present); the one-time costs (cache, compilation) are reported;
+  runs on a GPU); the one-time costs (cache, compilation) are reported;
 - `ours, eager`: the same without compilation (`--compile off` in the CLI);
 - `ours, no cache`: `model(batch)` from pixels, eager;
 - `--proposals`: fast paths that are NOT in the library (answer-only LM head, `torch.compile` of
@@ -637,7 +637,7 @@ def render(runs: dict) -> str:
            "LLaMA text model, built from our configs). `ours` is the library's default training "
            "path: frozen features computed once per image (their one-time cost is given below), "
            "then `model(batch)`, with the LLM compiled (`train.compile_llm`) where `train` does "
-           "it by default (runs of >= 200 steps, a compiler present); `ours, eager` is the same "
+           "it by default (runs of >= 200 steps on a GPU); `ours, eager` is the same "
            "without compilation; `ours, no cache` runs the ViT and Q-Former every step; "
            "`proposal:` rows are fast paths that are not in the library (described in "
            "`benchmarks/README.md`). Paths run interleaved (A B A B), median of the rounds.",
@@ -695,7 +695,7 @@ def render(runs: dict) -> str:
             first = r["checks"]["ours"]["first_call_s"]
             out.append("- `train` compiles the LLM by default on this machine: " + (
                 f"yes; first compiled call (compilation) {first:.1f} s, paid once per run"
-                if r["library_compiles"] else "no (no compiler found)"))
+                if r["library_compiles"] else "no (auto compiles on GPUs only)"))
         if r.get("peer_visual_ms"):
             peer_ms = r["results"]["peer"]["step_ms"]
             bound = peer_ms / max(peer_ms - r["peer_visual_ms"], 1e-9)

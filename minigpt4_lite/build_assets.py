@@ -67,7 +67,7 @@ class BuildConfig:
     llm_layers: int = 4
     llm_heads: int = 4
     llm_mlp: int = 688
-    llm_steps: int = 2000
+    llm_steps: int = 5000
     llm_batch: int = 32
     llm_lr: float = 2e-3
     slot_noise: float = 0.5  # std of the noise added to slot vectors, relative to embedding std

@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"))
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the frozen LLM for the run (auto: runs of >= 200 steps "
-                        "where a C++ compiler or a GPU is there; falls back to eager on failure)")
+                   help="torch.compile the frozen LLM for the run (auto: on a GPU for runs of "
+                        ">= 200 steps; off on a CPU, where it did not pay; falls back to eager "
+                        "if compiling fails)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) broken samples")
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_train)

@@ -248,10 +248,12 @@ def test_image_files_are_real_jpegs():
 def test_compile_is_auto_for_long_runs_only(model):
     from minigpt4_lite.train import COMPILE_MIN_STEPS, should_compile
 
-    cpu = torch.device("cpu")
-    assert not should_compile(_cfg(steps=COMPILE_MIN_STEPS - 1), cpu)  # would not pay for itself
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert should_compile(_cfg(steps=COMPILE_MIN_STEPS), gpu)
+    assert not should_compile(_cfg(steps=COMPILE_MIN_STEPS - 1), gpu)  # would not pay for itself
+    assert not should_compile(_cfg(steps=10 * COMPILE_MIN_STEPS), cpu)  # measured: no gain
     assert should_compile(_cfg(steps=5, compile=True), cpu)
-    assert not should_compile(_cfg(steps=10 * COMPILE_MIN_STEPS, compile=False), cpu)
+    assert not should_compile(_cfg(steps=10 * COMPILE_MIN_STEPS, compile=False), gpu)
 
 
 @pytest.mark.slow
