@@ -67,7 +67,7 @@ def test_llm_answers_colour_questions_from_words(tiny):
     answers = tiny.tokenizer.batch_decode(out, skip_special_tokens=True)
     correct = [re.search(rf"\b{k}\b", a.split("###")[0]) is not None
                for a, k in zip(answers, keys)]
-    assert sum(correct) / len(correct) >= 0.5  # measured 0.56 at build time (model card)
+    assert sum(correct) / len(correct) >= 0.5  # measured 0.58 at build time (model card)
 
 
 def test_probe_accuracy_from_shipped_weights(tiny):
