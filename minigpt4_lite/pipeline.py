@@ -143,10 +143,11 @@ def ablation_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _verdict(row: dict, base: dict, tie: float = 0.03) -> str:
+def _verdict(row: dict, base: dict, tie: float) -> str:
     """"better than" / "worse than" / "about equal to" / "mixed against" the base row, judged on
     Q&A accuracy (the paper's tables are VQA scores) and the detailed-description failure rate
-    (which folds in recall and hallucination); differences under `tie` count as equal."""
+    (which folds in recall and hallucination); differences under `tie` (the largest standard
+    error of a share measured on the evaluated scenes) count as equal."""
     dq = row["qa"]["accuracy"] - base["qa"]["accuracy"]
     df = base["detailed"]["failure_rate"] - row["detailed"]["failure_rate"]  # > 0: fewer failures
     signs = {(d > 0) - (d < 0) for d in (dq, df) if abs(d) >= tie}
@@ -164,6 +165,7 @@ def ablation_discussion(report: dict) -> list[str]:
     if base_name not in rows:
         return []
     base = rows[base_name]
+    tie = 0.5 / max(1, report["n_eval"]) ** 0.5
     context = {
         "3-layer MLP": "it trains {ratio:.0f}x the parameters of the linear layer on the same data",
         "no Q-Former": "the projection then reads 4 concatenated ViT patches per token and must "
@@ -183,7 +185,7 @@ def ablation_discussion(report: dict) -> list[str]:
         if name not in rows:
             continue
         r = rows[name]
-        ours = _verdict(r, base)
+        ours = _verdict(r, base, tie)
         ratio = r["trainable_params"] / max(1, base["trainable_params"])
         out.append(
             f"- **{name}**: {ours} the linear projection here (Q&A {r['qa']['accuracy']:.2f} vs "
@@ -197,7 +199,7 @@ def ablation_discussion(report: dict) -> list[str]:
                        for k, r in rows.items() if k.startswith("stage-1 data"))
     if len(fractions) >= 2:
         small, full = fractions[0][1], fractions[-1][1]
-        ours = _verdict(full, small)
+        ours = _verdict(full, small, tie)
         curve = ", ".join(f"{f:.0%}: Q&A {r['qa']['accuracy']:.2f} / failure "
                           f"{r['detailed']['failure_rate']:.2f}" for f, r in fractions)
         out.append(
