@@ -46,6 +46,7 @@ from stage1_step import (  # noqa: E402
     load_tiny,
     machine_info,
     machine_line,
+    merge,
     read_section_data,
     sync,
     tiny_config,
@@ -276,17 +277,6 @@ def render(runs: dict) -> str:
     return "\n".join(out)
 
 
-def merge(source: Path, path: Path) -> None:
-    """Copy the GPU runs stored in `source`'s section (e.g. from gpu_all.sh) into `path`."""
-    gpu = {k: v for k, v in read_section_data(source, NAME).items() if "/cuda" in k}
-    if not gpu:
-        raise SystemExit(f"{source} holds no GPU results for {NAME}.")
-    runs = read_section_data(path, NAME)
-    runs.update(gpu)
-    write_section(path, NAME, render(runs), runs)
-    print(f"merged {', '.join(sorted(gpu))} into the {NAME} section of {path}")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=("tiny", "minigpt4-7b"), default="tiny")
@@ -309,7 +299,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     if args.merge_from:
-        merge(Path(args.merge_from), Path(args.output))
+        merge(Path(args.merge_from), Path(args.output), NAME, render)
         return
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,10 @@ from minigpt4_lite.checkpoints import load_model, load_projection  # noqa: E402
 from minigpt4_lite.config import preset  # noqa: E402
 from minigpt4_lite.viz import lens_hits  # noqa: E402
 
-START, END = "<!-- lens_hit_rate:start -->", "<!-- lens_hit_rate:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage1_step import write_section  # noqa: E402
+
+NAME = "lens_hit_rate"
 
 
 def measure(n: int, ks: list[int], projections: dict[str, Path | None]) -> dict:
@@ -57,18 +59,6 @@ def table(results: dict, ks: list[int]) -> str:
                  f"{by_k[k]['precision']:.1%}" for k in ks]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) our marked section of BENCHMARKS.md, leaving everything else."""
-    section = f"{START}\n{body.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else (
-        text.rstrip("\n") + "\n\n" + section + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
@@ -111,7 +101,7 @@ generation: this reads the projected tokens directly against the LLM's input-emb
 - command: `{command}`
 - date: {datetime.date.today().isoformat()}
 """
-    write_section(Path(args.output), body)
+    write_section(Path(args.output), NAME, body)
     print(f"updated {args.output}")
 
 

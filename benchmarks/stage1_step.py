@@ -718,15 +718,18 @@ def equivalence_line(r: dict) -> str:
             f"relative diff {gworst:.1e}")
 
 
-def merge(source: Path, path: Path) -> None:
-    """Copy the GPU runs stored in `source`'s section (e.g. from gpu_all.sh) into `path`."""
-    gpu = {k: v for k, v in read_section_data(source, NAME).items() if "/cuda" in k}
+def merge(source: Path, path: Path, name: str = NAME, render_fn=None) -> None:
+    """Copy the GPU runs stored in `source`'s `name` section (e.g. from gpu_all.sh) into `path`.
+
+    Shared by the benchmarks that keep several runs per section (`render_fn` redraws it).
+    """
+    gpu = {k: v for k, v in read_section_data(source, name).items() if "/cuda" in k}
     if not gpu:
-        raise SystemExit(f"{source} holds no GPU results for {NAME}.")
-    runs = read_section_data(path, NAME)
+        raise SystemExit(f"{source} holds no GPU results for {name}.")
+    runs = read_section_data(path, name)
     runs.update(gpu)
-    write_section(path, NAME, render(runs), runs)
-    print(f"merged {', '.join(sorted(gpu))} into the {NAME} section of {path}")
+    write_section(path, name, (render_fn or render)(runs), runs)
+    print(f"merged {', '.join(sorted(gpu))} into the {name} section of {path}")
 
 
 def main(argv=None) -> None:
