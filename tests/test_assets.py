@@ -10,9 +10,12 @@ import torch
 
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite.build_assets import (
+    FAST,
     BuildConfig,
     SlotEncoder,
+    bucketed,
     build,
+    llm_examples,
     probe_accuracy,
     sha256,
     slot_words,
@@ -82,7 +85,8 @@ def test_slot_vectors_describe_the_scene(tiny):
     words = slot_words(scene)
     assert len(words) == 10 and words[9][0] == "background"
     for obj in scene.objects:
-        assert words[obj.cell][-3:] == [obj.size, obj.colour, obj.shape]
+        assert words[obj.cell] == [*tw.CELL_WORDS[obj.cell], obj.size, obj.colour, obj.shape]
+    assert all(words[c][-1] == "empty" for c in range(9) if c not in scene.cells)
     slots = SlotEncoder(tiny.tokenizer)([scene], tiny.llm.get_input_embeddings(), 0.0)
     assert slots.shape == (1, 10, 256)
 
@@ -102,6 +106,27 @@ def test_sample_images_have_ground_truth():
     assert len(truth) >= 4
     for name in truth:
         assert (ASSETS / "samples" / name).exists()
+
+
+def test_length_bucketing_keeps_every_sequence_and_cuts_padding(tiny):
+    rng = random.Random(0)
+    items = llm_examples(tiny, tw.make_scenes("train", 64), rng)
+    batches = bucketed(items, 16, rng)
+    assert sorted(map(id, (i for b in batches for i in b))) == sorted(map(id, items))
+    assert all(len(b) == 16 for b in batches)
+
+    def padded(bs):
+        return sum(max(len(e.ids) for e, _ in b) * len(b) for b in bs)
+
+    assert padded(batches) < padded([items[i:i + 16] for i in range(0, 64, 16)])
+    assert bucketed(items[:16], 16, rng) == [items[:16]]  # one batch: order kept (default build)
+    assert BuildConfig().llm_bucket_pool == 1 and not BuildConfig().compile  # shipped recipe
+    assert FAST["llm_bucket_pool"] > 1 and FAST["compile"]
+
+
+def test_build_refuses_unknown_parts(tmp_path):
+    with pytest.raises(ValueError, match="parts"):
+        build(tmp_path, BuildConfig(steps_scale=0.004), parts=("llm", "vison"))
 
 
 @pytest.mark.slow
