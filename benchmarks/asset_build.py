@@ -35,7 +35,7 @@ from minigpt4_lite import build_assets as ba  # noqa: E402
 from minigpt4_lite import toyworld as tw  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1_step import machine_info, write_section  # noqa: E402
+from stage1_step import command_line, machine_info, machine_line, write_section  # noqa: E402
 
 NAME = "asset_build"
 
@@ -127,9 +127,7 @@ def main(argv=None) -> None:
     print(md)
     if args.no_write:
         return
-    m = machine_info("cpu")
-    command = "python benchmarks/asset_build.py" + (
-        f" {' '.join(argv or sys.argv[1:])}" if (argv or sys.argv[1:]) else "")
+    command = command_line("asset_build.py", argv)
     body = f"""## Asset build: the tiny LLM's pretraining step (`benchmarks/asset_build.py`)
 
 Real tokens per computed position, batches of {base.llm_batch} ToyWorld dialogues as the build
@@ -140,7 +138,7 @@ Seconds per optimizer step of `build_assets.pretrain_llm` ({args.steps} timed st
 
 {md}
 
-- machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}
+- machine: {machine_line(machine_info('cpu'))}
 - command: `{command}`; date {datetime.date.today().isoformat()}
 - whole builds averaged more per step than these 60-step medians: the shipped build 0.67 s
   (3,369 s for the LLM part, 2026-11-26), the `--fast` build 0.34 s (1,710 s with compiling).

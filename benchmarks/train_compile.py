@@ -37,7 +37,7 @@ from minigpt4_lite.data import ToyWorldDataset  # noqa: E402
 from minigpt4_lite.train import COMPILE_MIN_STEPS, recipe, train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1_step import machine_info, write_section  # noqa: E402
+from stage1_step import command_line, machine_info, machine_line, write_section  # noqa: E402
 
 NAME = "train_compile"
 
@@ -81,9 +81,7 @@ def main(argv=None) -> None:
     print(md)
     if args.no_write:
         return
-    m = machine_info("cpu")
-    command = "python benchmarks/train_compile.py" + (
-        f" {' '.join(argv or sys.argv[1:])}" if (argv or sys.argv[1:]) else "")
+    command = command_line("train_compile.py", argv)
     body = f"""## Compiling the LLM in the real training loop (`benchmarks/train_compile.py`)
 
 `train` for stage 1 of the demo recipe (batch 32, feature cache on), eager vs
@@ -98,7 +96,7 @@ steps with the saving per step), so `train`'s default (`compile=None`) compiles 
 demo's 800-step stage 1 runs eagerly. Final losses differ in the third digit: compiled
 kernels round differently and the runs diverge slowly, as two GPUs would.
 
-- machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}
+- machine: {machine_line(machine_info('cpu'))}
 - command: `{command}`; date {datetime.date.today().isoformat()}
 """
     write_section(Path(args.output), NAME, body, results)

@@ -356,9 +356,9 @@ def qa_by_kind(wrapper: MiniGPT4, slots: SlotEncoder, scenes, form: str, seed: i
     from .evaluate import answer_correct, qa_items
 
     items = qa_items(scenes, seed)
-    content = (lambda s: tw.scene_in_words(s)) if form == "words" else (lambda s: IMAGE_PLACEHOLDER)
-    prompts = [PROMPT_TEMPLATE.format(f"<Img>{content(s)}</Img> {q}")
-               for s, (q, _, _) in zip(scenes, items)]
+    prompts = [PROMPT_TEMPLATE.format(
+        f"<Img>{tw.scene_in_words(s) if form == 'words' else IMAGE_PLACEHOLDER}</Img> {q}")
+        for s, (q, _, _) in zip(scenes, items)]
     answers = _greedy(wrapper, slots, prompts, scenes[:len(items)] if form == "slots" else None)
     by_kind: dict[str, list[bool]] = {}
     for answer, (_, key, kind) in zip(answers, items):
