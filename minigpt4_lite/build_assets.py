@@ -266,6 +266,22 @@ def bucketed(items: list, batch: int, rng: random.Random) -> list[list]:
     return chunks
 
 
+def label_tokens(items: list) -> int:
+    """Tokens that carry loss in a batch of `llm_examples` items (labels shift by one)."""
+    return max(1, sum(sum(label != -100 for label in example.labels[1:])
+                      for example, _ in items))
+
+
+def pool_tokens_per_batch(batches: list[list]) -> float:
+    """The mean loss-carrying tokens per batch of a bucketed pool.
+
+    Dividing each batch's summed loss by this (instead of by the batch's own token count) gives
+    every token the same weight, as in random batches: otherwise a bucket of short Q&A answers
+    (few tokens) would weigh as much as a bucket of long descriptions.
+    """
+    return sum(label_tokens(b) for b in batches) / len(batches)
+
+
 def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[tw.Scene]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -293,16 +309,22 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[tw.Scene]):
             pool = [scene for _ in range(cfg.llm_bucket_pool)
                     for scene in rng.sample(scenes, cfg.llm_batch)]
             queue = bucketed(llm_examples(wrapper, pool, rng), cfg.llm_batch, rng)
-        batch = collate_with_slots(wrapper, slots, queue.pop(), gen, cfg.slot_noise)
+            per_batch = pool_tokens_per_batch(queue)
+        items = queue.pop()
+        batch = collate_with_slots(wrapper, slots, items, gen, cfg.slot_noise)
         with _autocast(cfg.device):
             loss = llm(inputs_embeds=batch["inputs_embeds"],
                        attention_mask=batch["attention_mask"].to(cfg.device),
-                       labels=batch["labels"].to(cfg.device)).loss
+                       labels=batch["labels"].to(cfg.device),
+                       # a tensor, so that a compiled forward does not recompile for each pool
+                       **({"num_items_in_batch": torch.tensor(per_batch)}
+                          if cfg.llm_bucket_pool > 1 else {})).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        # shown per token of this batch, comparable between plain and bucketed builds
+        bar.set_postfix(loss=f"{loss.item() * per_batch / label_tokens(items):.3f}")
     if undo is not None:
         undo()
     return llm.eval()

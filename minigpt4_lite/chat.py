@@ -65,15 +65,21 @@ class GenerationSettings:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     max_length: int = 2000  # context + new tokens; the oldest context is cut beyond it
+    # The KV cache: "auto" = a static cache on a GPU (transformers then compiles the decoding
+    # step, the usual lever for batch-1 decoding speed) and the dynamic one elsewhere (on a CPU
+    # the static cache measured no faster, BENCHMARKS.md); or "static" / "dynamic" explicitly.
+    kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in (
             ("max_new_tokens", self.max_new_tokens >= 1), ("num_beams", self.num_beams >= 1),
             ("temperature", self.temperature > 0), ("top_p", 0 < self.top_p <= 1),
-            ("repetition_penalty", self.repetition_penalty > 0)) if not ok]
+            ("repetition_penalty", self.repetition_penalty > 0),
+            ("kv_cache", self.kv_cache in ("auto", "static", "dynamic"))) if not ok]
         if bad:
             raise ConfigError(f"Invalid generation setting {', '.join(bad)}: max_new_tokens and "
-                              "num_beams must be >= 1, temperature > 0, 0 < top_p <= 1.")
+                              "num_beams must be >= 1, temperature > 0, 0 < top_p <= 1, "
+                              "kv_cache 'auto', 'static' or 'dynamic'.")
 
     def generate_kwargs(self) -> dict:
         kw = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
@@ -84,6 +90,18 @@ class GenerationSettings:
 
 
 GREEDY = GenerationSettings(do_sample=False)
+_STATIC_FAILED = False  # set once a static-cache generation failed here; later calls skip it
+
+
+def use_static_cache(settings: GenerationSettings, device: str, quantized: bool = False) -> bool:
+    """Whether `generate` uses a static KV cache on `device` ("cuda", "cpu"...) under `settings`.
+
+    "auto" picks it only where it pays and is safe: a GPU, one beam (beam search reorders the
+    cache), and an unquantized LLM (bitsandbytes layers do not compile).
+    """
+    if settings.kv_cache != "auto":
+        return settings.kv_cache == "static"
+    return not _STATIC_FAILED and settings.num_beams == 1 and device == "cuda" and not quantized
 
 
 class StopOnSequences:
@@ -138,11 +156,23 @@ def generate(model, prompts: list[str | None], image_embeds: torch.Tensor,
     batch = model.collate([model.build_example(p) for p in prompts], padding_side="left")
     embeds = model.embed(batch["input_ids"], batch["image_mask"], image_embeds)
     attention_mask = batch["attention_mask"].to(embeds.device)
-    criteria = StopOnSequences(stop_token_variants(tok, stop))
-    out = model.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                             stopping_criteria=[criteria],
-                             pad_token_id=tok.pad_token_id, streamer=streamer,
-                             **settings.generate_kwargs())
+    kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer,
+                  stopping_criteria=[StopOnSequences(stop_token_variants(tok, stop))],
+                  pad_token_id=tok.pad_token_id, **settings.generate_kwargs())
+    quantized = getattr(model.llm, "hf_quantizer", None) is not None
+    if use_static_cache(settings, embeds.device.type, quantized):
+        try:
+            out = model.llm.generate(cache_implementation="static", **kwargs)
+        except Exception as e:  # noqa: BLE001 - e.g. no compiler for the decoding step
+            if settings.kv_cache == "static":
+                raise
+            global _STATIC_FAILED
+            _STATIC_FAILED = True
+            log.warning("Static KV cache failed (%s: %s); using the dynamic cache from now on.",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            out = model.llm.generate(**kwargs)
+    else:
+        out = model.llm.generate(**kwargs)
     results = []
     for row in out:
         text = tok.decode(row, skip_special_tokens=True)

@@ -27,6 +27,7 @@ from minigpt4_lite.chat import (
     GenerationSettings,
     answer_batch,
     sanitize,
+    use_static_cache,
 )
 from minigpt4_lite.config import ASSETS, preset
 from minigpt4_lite.errors import ConfigError, ImageLoadError, MiniGPT4Error
@@ -290,11 +291,58 @@ def test_answer_batch_equals_single_answers(model):
         answer_batch(model, [], "What colour is the star?")
 
 
+def test_static_kv_cache_gives_the_same_greedy_answers(model):
+    """The GPU default (a static KV cache) must not change what greedy decoding says."""
+    settings = dataclasses.replace(GREEDY, max_new_tokens=40)
+    question = "Describe this image in detail."
+    answers = {cache: answer_batch(model, SAMPLES[:3], question,
+                                   dataclasses.replace(settings, kv_cache=cache))
+               for cache in ("dynamic", "static")}
+    assert answers["static"] == answers["dynamic"]
+    assert all(len(a.split()) >= 5 for a in answers["static"])
+
+
+def test_static_kv_cache_is_the_default_on_gpus_only():
+    auto = GenerationSettings()
+    assert use_static_cache(auto, "cuda")
+    assert not use_static_cache(auto, "cpu")  # measured no faster on a CPU (BENCHMARKS.md)
+    assert not use_static_cache(auto, "cuda", quantized=True)
+    assert not use_static_cache(dataclasses.replace(auto, num_beams=3), "cuda")
+    assert use_static_cache(dataclasses.replace(auto, kv_cache="static"), "cpu")
+    assert not use_static_cache(dataclasses.replace(auto, kv_cache="dynamic"), "cuda")
+
+
+def test_a_failing_static_cache_falls_back_to_the_dynamic_one(model, monkeypatch, caplog):
+    """Where the decoding step cannot be compiled, "auto" warns once and answers anyway."""
+    import minigpt4_lite.chat as chat_module
+
+    expected = answer_batch(model, SAMPLES[:1], "How many objects are there?", SHORT)
+    real_generate = model.llm.generate
+
+    def generate(*args, **kwargs):
+        if kwargs.get("cache_implementation") == "static":
+            raise RuntimeError("no compiler here")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model.llm, "generate", generate)
+    monkeypatch.setattr(chat_module, "_STATIC_FAILED", False)
+    monkeypatch.setattr(chat_module, "use_static_cache",
+                        lambda settings, device, quantized=False:  # as if on a GPU
+                        settings.kv_cache == "static" or not chat_module._STATIC_FAILED)
+    with caplog.at_level("WARNING"):
+        got = answer_batch(model, SAMPLES[:1], "How many objects are there?", SHORT)
+    assert got == expected and "Static KV cache failed" in caplog.text
+    assert chat_module._STATIC_FAILED  # later calls go straight to the dynamic cache
+    with pytest.raises(RuntimeError, match="no compiler"):  # asked for explicitly: no hiding
+        answer_batch(model, SAMPLES[:1], "How many objects are there?",
+                     dataclasses.replace(SHORT, kv_cache="static"))
+
+
 def test_generation_settings_are_checked():
     assert "temperature" not in GREEDY.generate_kwargs()
     assert GenerationSettings().generate_kwargs()["top_p"] == 0.9
     for bad in (dict(max_new_tokens=0), dict(num_beams=0), dict(temperature=0),
-                dict(top_p=1.5)):
+                dict(top_p=1.5), dict(kv_cache="paged")):
         with pytest.raises(ConfigError):
             GenerationSettings(**bad)
 
