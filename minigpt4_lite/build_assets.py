@@ -44,7 +44,7 @@ from . import toyworld as tw
 from .chat import CONV_VISION
 from .checkpoints import atomic_save_file
 from .config import TINY_QFORMER, TINY_VISION, MiniGPT4Config
-from .model import IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, MiniGPT4
+from .model import IGNORE_INDEX, IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, Example, MiniGPT4
 from .processing import CLIP_MEAN, CLIP_STD
 from .qformer import QFormer, hf_qformer_keys
 from .train import compile_llm, compile_with_fallback
@@ -54,6 +54,14 @@ log = logging.getLogger(__name__)
 
 ADDED_TOKENS = ("###", "<Img>", "</Img>", "Human:", "Assistant:")
 N_SLOTS = TINY_QFORMER.num_query_tokens  # 9 grid cells + the background
+
+
+# What the LLM reads during pretraining: shares of each form and of each register (TASK_KINDS:
+# detailed, qa, poem, story, caption); see `llm_example` and `qa_dialogue`.
+FORMS = ("caption", "words", "slots", "chat", "qa_chat")
+FORM_WEIGHTS = (15, 20, 45, 20, 0)
+KIND_WEIGHTS = (30, 30, 15, 10, 15)
+QA_TURNS = (3, 6)  # questions per `qa_chat` dialogue
 
 
 @dataclass
@@ -77,6 +85,9 @@ class BuildConfig:
     llm_bucket_pool: int = 1  # batches drawn at once and bucketed by length (1 = no bucketing)
     compile: bool = False  # torch.compile the LLM and the ViT + Q-Former pretraining
     slot_noise: float = 0.5  # std of the noise added to slot vectors, relative to embedding std
+    # shares of the pretraining forms, in the order of `FORMS` (caption, words, slots, chat,
+    # qa_chat); a list in JSON reports
+    form_weights: tuple[int, ...] = FORM_WEIGHTS
     vision_steps: int = 1500
     vision_batch: int = 64
     vision_lr: float = 1e-3
@@ -188,16 +199,9 @@ class SlotEncoder:
 
 
 # --- 3. the LLM's text-only pretraining -----------------------------------------------------------
-# What the LLM reads during pretraining: shares of each form and of each register (TASK_KINDS:
-# detailed, qa, poem, story, caption).
-FORMS = ("caption", "words", "slots", "chat")
-FORM_WEIGHTS = (15, 20, 45, 20)
-KIND_WEIGHTS = (30, 30, 15, 10, 15)
-
-
-def llm_example(scene: tw.Scene, rng: random.Random) -> tuple[str | None, str, str, bool]:
-    """One pretraining sample: (prompt or None, answer, end_sym, uses slot vectors)."""
-    form = rng.choices(FORMS, weights=FORM_WEIGHTS)[0]
+def llm_example(scene: tw.Scene, rng: random.Random, form: str
+                ) -> tuple[str | None, str, str, bool]:
+    """One pretraining sample of `form`: (prompt or None, answer, end_sym, uses slot vectors)."""
     kind = rng.choices(tw.TASK_KINDS, weights=KIND_WEIGHTS)[0]
     instruction, answer = tw.sample_task(scene, rng, kind)
     if form == "caption":  # plain caption text, the language of stage 1 (no image)
@@ -221,11 +225,38 @@ def llm_example(scene: tw.Scene, rng: random.Random) -> tuple[str | None, str, s
     return conv.prompt(), " " + answer, "###", True
 
 
-def llm_examples(wrapper: MiniGPT4, scenes, rng) -> list[tuple]:
+def qa_dialogue(wrapper: MiniGPT4, scene: tw.Scene, rng: random.Random) -> Example:
+    """A chat about one scene (as slot vectors): several questions, *every* answer supervised.
+
+    One question per sequence gives the LLM a single answer word to learn from; a dialogue of
+    3-6 questions about the same slots teaches it to look things up (which object is red, where
+    the star is) several times per sequence, at little extra length.
+    """
+    pairs = tw.qa_pairs(scene, rng)
+    rng.shuffle(pairs)
+    pairs = pairs[:rng.randint(*QA_TURNS)]
+    conv = CONV_VISION.copy()
+    conv.append("Human", f"<Img>{IMAGE_PLACEHOLDER}</Img> {pairs[0][0]}")
+    conv.append("Assistant", None)
+    example = wrapper.build_example(conv.prompt(), " " + pairs[0][1], end_sym="###",
+                                    max_txt_len=160)
+    for question, answer, _ in pairs[1:]:  # the chat's layout: "...###Human: q###Assistant: a###"
+        ask = wrapper.text_ids(f"Human: {question}###Assistant:")
+        say = wrapper.text_ids(f" {answer}###")
+        example.ids += ask + say
+        example.labels += [IGNORE_INDEX] * len(ask) + say
+    return example
+
+
+def llm_examples(wrapper: MiniGPT4, scenes, rng, form_weights=FORM_WEIGHTS) -> list[tuple]:
     """(token layout, scene or None) per scene; the scene is kept where slot vectors are used."""
     items = []
     for scene in scenes:
-        prompt, answer, end_sym, uses_slots = llm_example(scene, rng)
+        form = rng.choices(FORMS, weights=form_weights)[0]
+        if form == "qa_chat":
+            items.append((qa_dialogue(wrapper, scene, rng), scene))
+            continue
+        prompt, answer, end_sym, uses_slots = llm_example(scene, rng, form)
         example = wrapper.build_example(prompt, answer, end_sym=end_sym, max_txt_len=160)
         items.append((example, scene if uses_slots else None))
     return items
@@ -308,23 +339,23 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[tw.Scene]):
         if not queue:  # draw the next `llm_bucket_pool` batches at once, bucketed by length
             pool = [scene for _ in range(cfg.llm_bucket_pool)
                     for scene in rng.sample(scenes, cfg.llm_batch)]
-            queue = bucketed(llm_examples(wrapper, pool, rng), cfg.llm_batch, rng)
+            queue = bucketed(llm_examples(wrapper, pool, rng, cfg.form_weights), cfg.llm_batch,
+                             rng)
             per_batch = pool_tokens_per_batch(queue)
         items = queue.pop()
         batch = collate_with_slots(wrapper, slots, items, gen, cfg.slot_noise)
         with _autocast(cfg.device):
             loss = llm(inputs_embeds=batch["inputs_embeds"],
                        attention_mask=batch["attention_mask"].to(cfg.device),
-                       labels=batch["labels"].to(cfg.device),
-                       # a tensor, so that a compiled forward does not recompile for each pool
-                       **({"num_items_in_batch": torch.tensor(per_batch)}
-                          if cfg.llm_bucket_pool > 1 else {})).loss
+                       labels=batch["labels"].to(cfg.device)).loss
+        # the batch's summed loss over the pool's mean tokens per batch (1 without bucketing);
+        # scaled here, outside the compiled forward, which would recompile for each new factor
+        weight = label_tokens(items) / per_batch if cfg.llm_bucket_pool > 1 else 1.0
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         opt.step()
-        # shown per token of this batch, comparable between plain and bucketed builds
-        bar.set_postfix(loss=f"{loss.item() * per_batch / label_tokens(items):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     if undo is not None:
         undo()
     return llm.eval()

@@ -89,7 +89,11 @@ QA_KINDS = ("colour", "count", "position", "existence")
 
 
 def qa_items(scenes: list[tw.Scene], seed: int = 0) -> list[tuple[str, str, str]]:
-    """One (question, key, kind) per scene, cycling through colour, count, position, existence."""
+    """One (question, key, kind) per scene, cycling through colour, count, position, existence.
+
+    Within a kind the question also cycles (over the scene's objects, and between the "yes" and
+    the "no" existence question), so that a model answering always "yes" scores half, not all.
+    """
     items = []
     for i, scene in enumerate(scenes):
         pairs = tw.qa_pairs(scene, random.Random(f"{seed}:{scene.seed}"))
@@ -99,7 +103,8 @@ def qa_items(scenes: list[tw.Scene], seed: int = 0) -> list[tuple[str, str, str]
         for k in range(len(QA_KINDS)):  # the scheduled kind, or the next one the scene has
             kind = QA_KINDS[(i + k) % len(QA_KINDS)]
             if kind in by_kind:
-                question, key = by_kind[kind][0]
+                options = by_kind[kind]
+                question, key = options[(i // len(QA_KINDS)) % len(options)]
                 items.append((question, key, kind))
                 break
     return items

@@ -15,12 +15,15 @@ from minigpt4_lite.build_assets import (
     SlotEncoder,
     bucketed,
     build,
+    label_tokens,
     llm_examples,
+    pool_tokens_per_batch,
     probe_accuracy,
+    qa_dialogue,
     sha256,
     slot_words,
 )
-from minigpt4_lite.chat import stop_token_variants
+from minigpt4_lite.chat import CONV_VISION, stop_token_variants
 from minigpt4_lite.checkpoints import load_model
 from minigpt4_lite.config import ASSETS, preset
 from minigpt4_lite.model import PROMPT_TEMPLATE
@@ -122,6 +125,47 @@ def test_length_bucketing_keeps_every_sequence_and_cuts_padding(tiny):
     assert bucketed(items[:16], 16, rng) == [items[:16]]  # one batch: order kept (default build)
     assert BuildConfig().llm_bucket_pool == 1 and not BuildConfig().compile  # shipped recipe
     assert FAST["llm_bucket_pool"] > 1 and FAST["compile"]
+
+
+def test_bucketed_batches_weigh_every_token_alike(tiny):
+    """Each batch's summed loss is divided by the pool's mean tokens per batch: in total, every
+    loss-carrying token counts once, whatever bucket it landed in (as with random batches)."""
+    rng = random.Random(1)
+    batches = bucketed(llm_examples(tiny, tw.make_scenes("train", 64), rng), 16, rng)
+    per_batch = pool_tokens_per_batch(batches)
+    weights = [label_tokens(b) / per_batch for b in batches]  # the loop's factor on mean losses
+    assert sum(weights) == pytest.approx(len(batches))
+    assert max(weights) / min(weights) > 2  # short Q&A buckets really are lighter
+
+
+def test_qa_dialogue_supervises_every_answer_in_the_chat_layout(tiny):
+    scene = tw.make_scenes("train", 1)[0]
+    example = qa_dialogue(tiny, scene, random.Random(3))
+    answers = tiny.tokenizer.decode([t for t in example.labels if t != -100]).split("###")[:-1]
+    assert 3 <= len(answers) <= 6
+    # the same tokens as the chat's own prompt for that conversation (image slots aside)
+    conv = CONV_VISION.copy()
+    text = tiny.tokenizer.decode([t for t in example.ids if t >= 0], skip_special_tokens=False)
+    turns = re.findall(r"###Human: (.*?)###Assistant: (.*?)(?=###)", text)
+    assert [a for _, a in turns] == [a.strip() for a in answers]
+    for question, answer in turns:
+        conv.append("Human", question)
+        conv.append("Assistant", answer)
+    expected = tiny.build_example(conv.prompt()).ids  # the prompt ends with "###" here
+    assert [t for t in example.ids if t >= 0] == [t for t in expected if t >= 0]
+    truth = {k for _, _, k in tw.qa_pairs(scene, random.Random(0))} | {"yes", "no"}
+    assert all(any(k in a.lower() for k in truth) for a in answers)
+
+
+def test_default_forms_are_the_shipped_recipe():
+    """The `qa_chat` form is opt-in: with its weight 0 the draws equal the shipped build's."""
+    assert BuildConfig().form_weights[-1] == 0
+    old, new = random.Random(5), random.Random(5)
+    shipped = [old.choices(("caption", "words", "slots", "chat"), weights=(15, 20, 45, 20))[0]
+               for _ in range(500)]
+    forms = ("caption", "words", "slots", "chat", "qa_chat")
+    assert shipped == [new.choices(forms, weights=BuildConfig().form_weights)[0]
+                       for _ in range(500)]
 
 
 def test_build_refuses_unknown_parts(tmp_path):
