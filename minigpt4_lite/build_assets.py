@@ -59,7 +59,7 @@ N_SLOTS = TINY_QFORMER.num_query_tokens  # 9 grid cells + the background
 # What the LLM reads during pretraining: shares of each form and of each register (TASK_KINDS:
 # detailed, qa, poem, story, caption); see `llm_example` and `qa_dialogue`.
 FORMS = ("caption", "words", "slots", "chat", "qa_chat")
-FORM_WEIGHTS = (15, 20, 45, 20, 0)
+FORM_WEIGHTS = (15, 15, 40, 15, 15)
 KIND_WEIGHTS = (30, 30, 15, 10, 15)
 QA_TURNS = (3, 6)  # questions per `qa_chat` dialogue
 
@@ -80,10 +80,12 @@ class BuildConfig:
     llm_steps: int = 5000
     llm_batch: int = 32
     llm_lr: float = 2e-3
-    # The fast build (`build-assets --fast`): length-bucketed batches and torch.compile. About
-    # 2x faster per LLM step, but not the recipe of the shipped assets; see `FAST`.
-    llm_bucket_pool: int = 1  # batches drawn at once and bucketed by length (1 = no bucketing)
-    compile: bool = False  # torch.compile the LLM and the ViT + Q-Former pretraining
+    # Length-bucketed batches (each batch's loss weighed by its share of the pool's tokens, see
+    # `pool_tokens_per_batch`) and torch.compile of the LLM's forward: measured 0.455 -> 0.196 s
+    # per LLM step (BENCHMARKS.md "Asset build"). `--plain` turns both off.
+    llm_bucket_pool: int = 8  # batches drawn at once and bucketed by length (1 = no bucketing)
+    compile: bool = True  # torch.compile the LLM for its pretraining
+    vision_compile: bool = False  # the ViT + Q-Former pretraining (not measured faster; eager)
     slot_noise: float = 0.5  # std of the noise added to slot vectors, relative to embedding std
     # shares of the pretraining forms, in the order of `FORMS` (caption, words, slots, chat,
     # qa_chat); a list in JSON reports
@@ -96,13 +98,10 @@ class BuildConfig:
         return max(2, int(round(n * self.steps_scale)))
 
 
-# What `--fast` changes. Measured here (BENCHMARKS.md "Asset build"): about 0.66 -> 0.3 s per LLM
-# step; the LLM part of the build took 1,710 s instead of 3,369 s. But bucketing changes what the
-# loss weighs (a batch of short Q&A answers counts as much as a batch of long descriptions), and
-# the LLM built this way with the shipped recipe aligned badly in the demo's stage 1 (caption
-# recall 0.16 instead of 0.90). So the shipped assets keep the plain recipe; `--fast` is for
-# trying ideas quickly.
-FAST = {"llm_bucket_pool": 8, "compile": True}
+# The recipe of the assets shipped before 2026-11-26 evening (`build-assets --plain`): random
+# batches, eager, no multi-turn Q&A dialogues. Its LLM part took 3,369 s here; see the model card
+# for how the two LLMs compare.
+PLAIN = {"llm_bucket_pool": 1, "compile": False, "form_weights": (15, 20, 45, 20, 0)}
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
@@ -277,9 +276,11 @@ def collate_with_slots(wrapper: MiniGPT4, slots: SlotEncoder, items, gen, noise)
     return batch
 
 
-def llm_batch(wrapper: MiniGPT4, slots: SlotEncoder, scenes, rng, gen, noise):
+def llm_batch(wrapper: MiniGPT4, slots: SlotEncoder, scenes, rng, gen, noise,
+              form_weights=FORM_WEIGHTS):
     """A training batch for the LLM: token sequences, with slot vectors in the image slots."""
-    return collate_with_slots(wrapper, slots, llm_examples(wrapper, scenes, rng), gen, noise)
+    return collate_with_slots(wrapper, slots, llm_examples(wrapper, scenes, rng, form_weights),
+                              gen, noise)
 
 
 def bucketed(items: list, batch: int, rng: random.Random) -> list[list]:
@@ -287,9 +288,9 @@ def bucketed(items: list, batch: int, rng: random.Random) -> list[list]:
 
     A random batch of ToyWorld dialogues is padded to its longest member: 48% of the computed
     positions were real tokens. Sorting a pool of 8 batches by length first raises that to 86%
-    and halves the cost of a step, with the same sequences seen per step (`--fast`).
+    and halves the cost of a step, with the same sequences seen per step (the default build).
     """
-    if len(items) <= batch:  # nothing to bucket: keep the drawn order (the default build)
+    if len(items) <= batch:  # nothing to bucket: keep the drawn order (`--plain`)
         return [items]
     items = sorted(items, key=lambda item: len(item[0].ids))
     chunks = [items[i:i + batch] for i in range(0, len(items), batch)]
@@ -381,7 +382,8 @@ def llm_heldout_metrics(llm, tokenizer, scenes: list[tw.Scene], seed: int) -> di
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     losses = []
     for i in range(0, len(scenes), 50):
-        batch = llm_batch(wrapper, slots, scenes[i:i + 50], rng, gen, 0.0)
+        # always the single-turn mix of `--plain`, so that perplexities of all builds compare
+        batch = llm_batch(wrapper, slots, scenes[i:i + 50], rng, gen, 0.0, PLAIN["form_weights"])
         out = llm(inputs_embeds=batch["inputs_embeds"].float(),
                   attention_mask=batch["attention_mask"], labels=batch["labels"])
         losses.append(out.loss.item())
@@ -511,7 +513,7 @@ def pretrain_vision(cfg: BuildConfig, scenes: list[tw.Scene]):
         tokens = vit(x)
         return heads.loss(tokens[:, 1:].float(), qformer(tokens).float(), t)
 
-    if cfg.compile:  # fixed shapes: one static graph for the whole run
+    if cfg.vision_compile:  # fixed shapes: one static graph for the whole run
         step_loss = compile_with_fallback(step_loss, dynamic=False)
     bar = tqdm(range(total), desc="ViT + Q-Former (grounded)")
     for step in bar:
@@ -669,6 +671,14 @@ def _seconds(report: dict) -> str:
     return ", ".join(f"{k}: {v:.0f} s" for k, v in parts.items()) or "one run"
 
 
+def _plain_note(report: dict) -> str:
+    return f"\n- {report['plain_note']}" if report.get("plain_note") else ""
+
+
+def _time_note(report: dict) -> str:
+    return f" {report['time_note']}" if report.get("time_note") else ""
+
+
 def _fast_note(b: dict) -> str:
     pool = b.get("llm_bucket_pool", 1)
     return ((f", length-bucketed batches (pools of {pool})" if pool > 1 else "")
@@ -688,8 +698,8 @@ def write_model_card(out: str | Path, report: dict) -> Path:
 
 Built by `python -m minigpt4_lite build-assets --out assets` (`minigpt4_lite/build_assets.py`),
 deterministic for seed {b['seed']}; measured build time {report['seconds_total']:.0f} s on
-{report.get('machine', 'this machine')} ({_seconds(report)}). Everything here is loaded by
-`preset("tiny")` offline.
+{report.get('machine', 'this machine')} ({_seconds(report)}).{_time_note(report)} Everything here
+is loaded by `preset("tiny")` offline.
 
 ## `llm/`: the tiny "Vicuna" (a `LlamaForCausalLM` + a byte-level BPE fast tokenizer)
 - {llm['params']:,} parameters: {b['llm_layers']} layers x {b['llm_hidden']} wide,
@@ -700,19 +710,21 @@ deterministic for seed {b['seed']}; measured build time {report['seconds_total']
   register (detailed descriptions, Q&A, poems, stories, captions), with the scene given in words,
   or as *slot vectors*: one input vector per grid cell, the sum of that cell's word embeddings
   (position, size, colour, shape or "empty") plus one for the background, plus Gaussian noise
-  ({b['slot_noise']} x the embedding std).
+  ({b['slot_noise']} x the embedding std). Shares of the forms (caption text, scene in words, slot
+  vectors in the stage-2 template, in the chat template, multi-turn Q&A chats with every answer
+  supervised): {', '.join(map(str, b.get('form_weights', FORM_WEIGHTS)))}.
 - Why the help: a prototype found that an LLM this small, pretrained on words only, could not be
   taught to read arbitrary soft tokens through one linear layer (object recall 0.02-0.07, although
   the visual features held the scene). Vicuna-13B can read such tokens, and BLIP-2's Q-Former had
   already been trained to talk to a frozen LLM; our tiny LLM gets the equivalent skill from the slot
   vectors. It never saw a pixel: the projection must still learn to map what the Q-Former sees
   onto what the LLM can read. Scale buys this skill for free; at 3.6 M parameters it must be taught.
-- Held-out perplexity (ToyWorld text, all forms): **{llm['heldout_perplexity']:.3f}**.
+- Held-out perplexity (ToyWorld text, the single-turn forms): **{llm['heldout_perplexity']:.3f}**.
 - Colour questions on held-out scenes, greedy: **{llm['colour_qa_accuracy_words']:.1%}** correct
   with the scene in words, **{llm['colour_qa_accuracy_slots']:.1%}** with exact slot vectors.
 - The demo's questions (one per held-out scene, cycling colour / count / position / existence),
   greedy, with exact slot vectors: {_by_kind(llm.get('qa_accuracy_slots', {}))}; with the scene
-  in words: {_by_kind(llm.get('qa_accuracy_words', {}))}.
+  in words: {_by_kind(llm.get('qa_accuracy_words', {}))}.{_plain_note(report)}
 
 ## `vision_qformer/`: the tiny "BLIP-2" ViT + Q-Former (HF BLIP-2 layout)
 - {vq['params']:,} parameters. ViT: 60x60 images, patch 10 (36 patches + CLS), width 128,

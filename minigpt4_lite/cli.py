@@ -184,10 +184,10 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_build_assets(args) -> int:
-    from .build_assets import FAST, BuildConfig, build
+    from .build_assets import PLAIN, BuildConfig, build
 
     cfg = BuildConfig(device=args.device, steps_scale=args.steps_scale, seed=args.seed,
-                      **(FAST if args.fast else {}))
+                      **(PLAIN if args.plain else {}))
     report = build(args.out, cfg, parts=tuple(args.parts.split(",")))
     print(json.dumps({k: v for k, v in report.items() if k != "sha256"}, indent=2))
     return 0
@@ -292,9 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default="llm,vision",
                    help="what to rebuild: llm, vision or both (the rest is read from --out)")
-    p.add_argument("--fast", action="store_true",
-                   help="length-bucketed batches + torch.compile: about 2x faster, but not the "
-                        "shipped recipe (see build_assets.FAST)")
+    p.add_argument("--plain", action="store_true",
+                   help="the earlier, slower recipe: random batches, no torch.compile, no "
+                        "multi-turn Q&A dialogues (see build_assets.PLAIN)")
     p.set_defaults(func=cmd_build_assets)
     return parser
 

@@ -10,7 +10,7 @@ import torch
 
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite.build_assets import (
-    FAST,
+    PLAIN,
     BuildConfig,
     SlotEncoder,
     bucketed,
@@ -73,7 +73,7 @@ def test_llm_answers_colour_questions_from_words(tiny):
     answers = tiny.tokenizer.batch_decode(out, skip_special_tokens=True)
     correct = [re.search(rf"\b{k}\b", a.split("###")[0]) is not None
                for a, k in zip(answers, keys)]
-    assert sum(correct) / len(correct) >= 0.5  # measured 0.58 at build time (model card)
+    assert sum(correct) / len(correct) >= 0.5  # 0.57 on these scenes; 0.55 on 300 (model card)
 
 
 def test_probe_accuracy_from_shipped_weights(tiny):
@@ -123,8 +123,8 @@ def test_length_bucketing_keeps_every_sequence_and_cuts_padding(tiny):
 
     assert padded(batches) < padded([items[i:i + 16] for i in range(0, 64, 16)])
     assert bucketed(items[:16], 16, rng) == [items[:16]]  # one batch: order kept (default build)
-    assert BuildConfig().llm_bucket_pool == 1 and not BuildConfig().compile  # shipped recipe
-    assert FAST["llm_bucket_pool"] > 1 and FAST["compile"]
+    assert BuildConfig().llm_bucket_pool > 1 and BuildConfig().compile  # the shipped recipe
+    assert PLAIN["llm_bucket_pool"] == 1 and not PLAIN["compile"]
 
 
 def test_bucketed_batches_weigh_every_token_alike(tiny):
@@ -157,15 +157,14 @@ def test_qa_dialogue_supervises_every_answer_in_the_chat_layout(tiny):
     assert all(any(k in a.lower() for k in truth) for a in answers)
 
 
-def test_default_forms_are_the_shipped_recipe():
-    """The `qa_chat` form is opt-in: with its weight 0 the draws equal the shipped build's."""
-    assert BuildConfig().form_weights[-1] == 0
+def test_plain_forms_are_the_earlier_recipe():
+    """`--plain` draws exactly what the build drew before the `qa_chat` form existed."""
+    assert PLAIN["form_weights"][-1] == 0 and BuildConfig().form_weights[-1] > 0
     old, new = random.Random(5), random.Random(5)
-    shipped = [old.choices(("caption", "words", "slots", "chat"), weights=(15, 20, 45, 20))[0]
+    earlier = [old.choices(("caption", "words", "slots", "chat"), weights=(15, 20, 45, 20))[0]
                for _ in range(500)]
     forms = ("caption", "words", "slots", "chat", "qa_chat")
-    assert shipped == [new.choices(forms, weights=BuildConfig().form_weights)[0]
-                       for _ in range(500)]
+    assert earlier == [new.choices(forms, weights=PLAIN["form_weights"])[0] for _ in range(500)]
 
 
 def test_build_refuses_unknown_parts(tmp_path):
