@@ -81,11 +81,16 @@ class BuildConfig:
     llm_batch: int = 32
     llm_lr: float = 2e-3
     # Length-bucketed batches (each batch's loss weighed by its share of the pool's tokens, see
-    # `pool_tokens_per_batch`) and torch.compile of the LLM's forward: measured 0.455 -> 0.196 s
-    # per LLM step (BENCHMARKS.md "Asset build"). `--plain` turns both off.
+    # `pool_tokens_per_batch`) and torch.compile of the LLM's forward: 2.3x faster per LLM step
+    # (BENCHMARKS.md "Asset build"). `--plain` turns both off.
     llm_bucket_pool: int = 8  # batches drawn at once and bucketed by length (1 = no bucketing)
     compile: bool = True  # torch.compile the LLM for its pretraining
     vision_compile: bool = False  # the ViT + Q-Former pretraining (not measured faster; eager)
+    # the LLM's attention while pretraining. "eager_fp32" (`eager_fp32_attention`) is faster per
+    # compiled step on this CPU (0.27 -> 0.23 s in BENCHMARKS.md; it fuses into the graph, while
+    # SDPA's CPU backward is a slow separate kernel for these short sequences), but the LLMs it
+    # built were worse: perplexity 1.457 vs 1.409, demo failure 32.5% vs 11.5% (2026-11-27).
+    llm_attention: str = "sdpa"
     slot_noise: float = 0.5  # std of the noise added to slot vectors, relative to embedding std
     # shares of the pretraining forms, in the order of `FORMS` (caption, words, slots, chat,
     # qa_chat); a list in JSON reports
@@ -101,7 +106,8 @@ class BuildConfig:
 # The recipe of the assets shipped before 2026-11-26 evening (`build-assets --plain`): random
 # batches, eager, no multi-turn Q&A dialogues. Its LLM part took 3,369 s here; see the model card
 # for how the two LLMs compare.
-PLAIN = {"llm_bucket_pool": 1, "compile": False, "form_weights": (15, 20, 45, 20, 0)}
+PLAIN = {"llm_bucket_pool": 1, "compile": False, "llm_attention": "sdpa",
+         "form_weights": (15, 20, 45, 20, 0)}
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
@@ -331,6 +337,8 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[tw.Scene]):
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     total = cfg.steps(cfg.llm_steps)
     llm.train()
+    _register_eager_fp32()
+    llm.set_attn_implementation(cfg.llm_attention)  # see `BuildConfig.llm_attention`
     undo = compile_llm(llm) if cfg.compile else None
     bar = tqdm(range(total), desc="LLM (text only)")
     queue: list[list] = []
@@ -359,7 +367,37 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[tw.Scene]):
         bar.set_postfix(loss=f"{loss.item():.3f}")
     if undo is not None:
         undo()
+    llm.set_attn_implementation("sdpa")  # the default for everyone who loads it later
     return llm.eval()
+
+
+def eager_fp32_attention(module, query, key, value, attention_mask, scaling, dropout=0.0,
+                         **kwargs):
+    """transformers' eager attention with its scores and softmax in float32.
+
+    Under the build's bf16 autocast the plain eager form rounds the attention scores to bf16
+    before the softmax (SDPA keeps them in float32); this one does not. Compiled, it still fuses
+    into the graph, which is what makes it faster than SDPA here (see `BuildConfig.llm_attention`).
+    """
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    with torch.autocast(query.device.type, enabled=False):
+        k = repeat_kv(key, module.num_key_value_groups).float()
+        v = repeat_kv(value, module.num_key_value_groups).float()
+        scores = torch.matmul(query.float(), k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        weights = scores.softmax(dim=-1)
+        out = torch.matmul(weights, v)
+    return out.transpose(1, 2).contiguous().to(query.dtype), weights
+
+
+def _register_eager_fp32() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("eager_fp32", eager_fp32_attention)
+    AttentionMaskInterface.register("eager_fp32", eager_mask)
 
 
 def _wrapper(llm, tokenizer) -> MiniGPT4:
@@ -544,12 +582,17 @@ def probe_accuracy(vit, qformer, train: list[tw.Scene], heldout: list[tw.Scene],
 
     One linear classifier per attribute, shared by the 9 cell queries, trained on `train` scenes
     and measured on `heldout` ones: shape/colour accuracy over held-out objects (read from the
-    query of the object's cell), position accuracy = occupied-vs-empty right for every cell.
+    query of the object's cell), position accuracy = occupied-vs-empty right for every cell;
+    cell accuracy = which cell a query stands for, read from that one query's output (what a
+    shared linear projection needs to put the position words into each visual token).
     """
     f_tr, f_ho = query_features(vit, qformer, train), query_features(vit, qformer, heldout)
     t_tr, t_ho = cell_targets(train), cell_targets(heldout)
+    for t, f in ((t_tr, f_tr), (t_ho, f_ho)):  # class c + 1 for cell c: 0 stays "no class"
+        t["cell"] = torch.arange(1, 10).expand(f.shape[0], -1)
     result = {}
-    for attr, n_cls in (("shape", 1 + len(tw.SHAPES)), ("colour", 1 + len(tw.COLOURS))):
+    for attr, n_cls in (("shape", 1 + len(tw.SHAPES)), ("colour", 1 + len(tw.COLOURS)),
+                        ("cell", 10)):
         probe = nn.Linear(f_tr.shape[-1], n_cls)
         opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
         x, y = f_tr[:, :9].flatten(0, 1), t_tr[attr].flatten()
@@ -630,12 +673,13 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
     report["build_config"] = asdict(cfg)
     seconds = report.setdefault("seconds", {})
     if "llm" in parts:
+        t1 = time.time()
         tokenizer = build_tokenizer(corpus(train[:4000], random.Random(cfg.seed)),
                                     cfg.vocab_size)
         tokenizer.save_pretrained(out / "llm")
         llm = pretrain_llm(cfg, tokenizer, train)
         llm.save_pretrained(out / "llm")
-        seconds["llm"] = round(time.time() - t0, 1)
+        seconds["llm"] = round(time.time() - t1, 1)
     else:
         tokenizer = AutoTokenizer.from_pretrained(out / "llm")
         llm = LlamaForCausalLM.from_pretrained(out / "llm").eval()
@@ -654,6 +698,11 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
         save_samples(out / "samples")
     seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 1)
     report["seconds_total"] = seconds["total"]
+    # the parts above exclude the quality checks (perplexity, Q&A, probes) and the samples; the
+    # whole command's time only means something when it built everything
+    report.pop("seconds_wall", None)
+    if set(parts) == {"llm", "vision"}:
+        report["seconds_wall"] = round(time.time() - t0, 1)
     report["machine"] = (f"{platform.machine()} CPU, {os.cpu_count()} cores, "
                          f"torch {torch.__version__}")
     report["vocab"] = len(tokenizer)
@@ -671,6 +720,20 @@ def _seconds(report: dict) -> str:
     return ", ".join(f"{k}: {v:.0f} s" for k, v in parts.items()) or "one run"
 
 
+def _build_time(report: dict) -> str:
+    """The whole command's time where one run built everything, else the sum of the parts."""
+    wall = report.get("seconds_wall")
+    if wall:
+        return (f"{wall:.0f} s for the whole command, quality checks included "
+                f"({report['seconds_total']:.0f} s of training)")
+    return f"{report['seconds_total']:.0f} s"
+
+
+def _cell_probe(vq: dict) -> str:
+    return (f", the cell a query stands for (from that query alone) **{vq['cell_accuracy']:.4f}**"
+            if "cell_accuracy" in vq else "")
+
+
 def _plain_note(report: dict) -> str:
     return f"\n- {report['plain_note']}" if report.get("plain_note") else ""
 
@@ -682,7 +745,9 @@ def _time_note(report: dict) -> str:
 def _fast_note(b: dict) -> str:
     pool = b.get("llm_bucket_pool", 1)
     return ((f", length-bucketed batches (pools of {pool})" if pool > 1 else "")
-            + (", torch.compile" if b.get("compile") else ""))
+            + (", torch.compile" if b.get("compile") else "")
+            + (f", {b['llm_attention']} attention" if b.get("llm_attention", "sdpa") != "sdpa"
+               else ""))
 
 
 def _by_kind(acc: dict) -> str:
@@ -697,9 +762,9 @@ def write_model_card(out: str | Path, report: dict) -> Path:
     text = f"""# assets/: the tiny pretrained, frozen backbones of ToyWorld
 
 Built by `python -m minigpt4_lite build-assets --out assets` (`minigpt4_lite/build_assets.py`),
-deterministic for seed {b['seed']}; measured build time {report['seconds_total']:.0f} s on
-{report.get('machine', 'this machine')} ({_seconds(report)}).{_time_note(report)} Everything here
-is loaded by `preset("tiny")` offline.
+deterministic for seed {b['seed']}; measured build time {_build_time(report)} on
+{report.get('machine', 'this machine')} ({_seconds(report)}).{_time_note(report)}
+Everything here is loaded by `preset("tiny")` offline.
 
 ## `llm/`: the tiny "Vicuna" (a `LlamaForCausalLM` + a byte-level BPE fast tokenizer)
 - {llm['params']:,} parameters: {b['llm_layers']} layers x {b['llm_hidden']} wide,
@@ -733,10 +798,10 @@ is loaded by `preset("tiny")` offline.
 - Pretrained for {b['vision_steps']} steps x {b['vision_batch']} rendered scenes with a grounded
   representation objective in the spirit of BLIP-2's first stage: query i (i < 9) must predict grid
   cell i's shape, colour and size (or "empty") and query 9 the background, through linear heads
-  that are then discarded.
+  shared by the queries and then discarded.
 - Linear probes on the frozen query outputs, held-out scenes: shape accuracy
   **{vq['shape_accuracy']:.4f}**, colour accuracy **{vq['colour_accuracy']:.4f}**, position
-  (object present exactly where it is) **{vq['position_accuracy']:.4f}**.
+  (object present exactly where it is) **{vq['position_accuracy']:.4f}**{_cell_probe(vq)}.
 
 ## `samples/`
 Held-out ToyWorld scenes rendered at 240 px, with their ground truth in `ground_truth.json`.

@@ -3,6 +3,7 @@
 import json
 import random
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,33 @@ def test_length_bucketing_keeps_every_sequence_and_cuts_padding(tiny):
     assert bucketed(items[:16], 16, rng) == [items[:16]]  # one batch: order kept (default build)
     assert BuildConfig().llm_bucket_pool > 1 and BuildConfig().compile  # the shipped recipe
     assert PLAIN["llm_bucket_pool"] == 1 and not PLAIN["compile"]
+    assert BuildConfig().llm_attention == PLAIN["llm_attention"] == "sdpa"  # see its comment
+
+
+def test_eager_fp32_attention_is_transformers_eager_with_float32_scores():
+    """The build's LLM attention computes what transformers' eager attention computes, and
+    under bf16 autocast keeps the scores in float32 (plain eager rounds them to bf16)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from minigpt4_lite.build_assets import eager_fp32_attention
+
+    module = types.SimpleNamespace(num_key_value_groups=2, training=False)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g) * 3
+    k, v = torch.randn(2, 2, 6, 8, generator=g) * 3, torch.randn(2, 2, 6, 8, generator=g)
+    mask = torch.triu(torch.full((6, 6), torch.finfo(torch.float32).min), 1)[None, None]
+    ours, w = eager_fp32_attention(module, q, k, v, mask, scaling=8 ** -0.5)
+    theirs, w_ref = eager_attention_forward(module, q, k, v, mask, scaling=8 ** -0.5)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(w, w_ref)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    exact, _ = eager_fp32_attention(module, qb.float(), kb.float(), vb.float(), mask, 8 ** -0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32_scores, _ = eager_fp32_attention(module, qb, kb, vb, mask, 8 ** -0.5)
+        bf16_scores, _ = eager_attention_forward(module, qb, kb, vb, mask, 8 ** -0.5)
+    assert fp32_scores.dtype == torch.bfloat16
+    err = lambda out: (out.float() - exact).abs().max().item()  # noqa: E731
+    assert err(fp32_scores) < err(bf16_scores)
 
 
 def test_bucketed_batches_weigh_every_token_alike(tiny):
@@ -179,6 +207,7 @@ def test_miniature_build_produces_loadable_assets(tmp_path):
     cfg = preset("tiny", llm=str(tmp_path / "llm"),
                  vision_qformer=str(tmp_path / "vision_qformer"))
     model = load_model(cfg, projection="")
+    assert model.llm.config._attn_implementation == "sdpa"  # trained with "eager", loads as usual
     assert model.encode_image(torch.zeros(1, 3, 60, 60)).shape == (1, 10, 256)
     assert set(report["vision_qformer"]) >= {"shape_accuracy", "colour_accuracy"}
     assert Path(tmp_path / "samples" / "ground_truth.json").exists()
