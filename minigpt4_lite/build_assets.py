@@ -88,8 +88,9 @@ class BuildConfig:
     vision_compile: bool = False  # the ViT + Q-Former pretraining (not measured faster; eager)
     # the LLM's attention while pretraining. "eager_fp32" (`eager_fp32_attention`) is faster per
     # compiled step on this CPU (0.27 -> 0.23 s in BENCHMARKS.md; it fuses into the graph, while
-    # SDPA's CPU backward is a slow separate kernel for these short sequences), but the LLMs it
-    # built were worse: perplexity 1.457 vs 1.409, demo failure 32.5% vs 11.5% (2026-11-27).
+    # SDPA's CPU backward is a slow separate kernel for these short sequences). Its LLM scored
+    # worse than the shipped one (perplexity 1.457 vs 1.409, demo failure 32.5% vs 11.5%), but an
+    # SDPA build with seed 1 scored 1.488: within run-to-run spread (2026-11-27, BENCHMARKS.md).
     llm_attention: str = "sdpa"
     slot_noise: float = 0.5  # std of the noise added to slot vectors, relative to embedding std
     # shares of the pretraining forms, in the order of `FORMS` (caption, words, slots, chat,
