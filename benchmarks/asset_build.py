@@ -8,8 +8,8 @@ build code (`build_assets.pretrain_llm`):
 - the share of computed positions that are real tokens, random vs bucketed batches;
 - seconds per step for: random batches, eager; bucketed, eager; bucketed, compiled (the
   build's default for long runs), after the one-time compilation (reported separately); and
-  bucketed, compiled with `eager_fp32_attention` in place of SDPA (faster, not used: the LLMs
-  built with it were worse, see the notes it writes).
+  bucketed, compiled with `eager_fp32_attention` in place of SDPA (faster, not the default:
+  see the notes it writes).
 
     python benchmarks/asset_build.py              # 60 timed steps per variant on this machine
 

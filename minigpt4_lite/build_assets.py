@@ -338,7 +338,8 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[tw.Scene]):
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     total = cfg.steps(cfg.llm_steps)
     llm.train()
-    _register_eager_fp32()
+    if cfg.llm_attention == "eager_fp32":  # ours: transformers must know it before it is set
+        _register_eager_fp32()
     llm.set_attn_implementation(cfg.llm_attention)  # see `BuildConfig.llm_attention`
     undo = compile_llm(llm) if cfg.compile else None
     bar = tqdm(range(total), desc="LLM (text only)")
@@ -589,8 +590,8 @@ def probe_accuracy(vit, qformer, train: list[tw.Scene], heldout: list[tw.Scene],
     """
     f_tr, f_ho = query_features(vit, qformer, train), query_features(vit, qformer, heldout)
     t_tr, t_ho = cell_targets(train), cell_targets(heldout)
-    for t, f in ((t_tr, f_tr), (t_ho, f_ho)):  # class c + 1 for cell c: 0 stays "no class"
-        t["cell"] = torch.arange(1, 10).expand(f.shape[0], -1)
+    for t in (t_tr, t_ho):  # class c + 1 for cell c: 0 stays "no class"
+        t["cell"] = torch.arange(1, 10).expand(len(t["background"]), -1)
     result = {}
     for attr, n_cls in (("shape", 1 + len(tw.SHAPES)), ("colour", 1 + len(tw.COLOURS)),
                         ("cell", 10)):
