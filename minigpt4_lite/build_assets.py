@@ -86,12 +86,16 @@ class BuildConfig:
     llm_bucket_pool: int = 8  # batches drawn at once and bucketed by length (1 = no bucketing)
     compile: bool = True  # torch.compile the LLM for its pretraining
     vision_compile: bool = False  # the ViT + Q-Former pretraining (not measured faster; eager)
-    # the LLM's attention while pretraining. "eager_fp32" (`eager_fp32_attention`) is faster per
-    # compiled step on this CPU (0.27 -> 0.23 s in BENCHMARKS.md; it fuses into the graph, while
-    # SDPA's CPU backward is a slow separate kernel for these short sequences). Its LLM scored
-    # worse than the shipped one (perplexity 1.457 vs 1.409, demo failure 32.5% vs 11.5%), but an
-    # SDPA build with seed 1 scored 1.488: within run-to-run spread (2026-11-27, BENCHMARKS.md).
+    # The attention of each pretraining; "sdpa" (fused) built the shipped assets. Explicit attention
+    # (softmax(QK^T)V written out) is faster on this CPU, where SDPA's backward is a slow separate
+    # kernel for these short sequences: the ViT + Q-Former 2.0-2.4x per step ("explicit": 203-242 s
+    # instead of 487 s), the compiled LLM 0.27 -> 0.23 s per step ("eager_fp32" = transformers'
+    # eager attention with float32 scores, `eager_fp32_attention`). Not the default: LLM builds
+    # differ so much in how well the demo's stage 1 aligns to them (caption recall 0.49-0.90 over
+    # six builds; BENCHMARKS.md "Asset build", 2026-11-27) that only the recipe that reproduced the
+    # shipped LLM byte for byte is known to give its figures.
     llm_attention: str = "sdpa"
+    vision_attention: str = "sdpa"  # or "explicit"
     slot_noise: float = 0.5  # std of the noise added to slot vectors, relative to embedding std
     # shares of the pretraining forms, in the order of `FORMS` (caption, words, slots, chat,
     # qa_chat); a list in JSON reports
@@ -108,7 +112,7 @@ class BuildConfig:
 # batches, eager, no multi-turn Q&A dialogues. Its LLM part took 3,369 s here; see the model card
 # for how the two LLMs compare.
 PLAIN = {"llm_bucket_pool": 1, "compile": False, "llm_attention": "sdpa",
-         "form_weights": (15, 20, 45, 20, 0)}
+         "vision_attention": "sdpa", "form_weights": (15, 20, 45, 20, 0)}
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
@@ -549,9 +553,14 @@ def pretrain_vision(cfg: BuildConfig, scenes: list[tw.Scene]):
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     total = cfg.steps(cfg.vision_steps)
 
+    explicit = cfg.vision_attention == "explicit"  # the maps' code path: see BuildConfig
+
     def step_loss(x, t):
-        tokens = vit(x)
-        return heads.loss(tokens[:, 1:].float(), qformer(tokens).float(), t)
+        tokens = vit(x, return_attentions=explicit)
+        tokens = tokens[0] if explicit else tokens
+        queries = qformer(tokens, return_attentions=explicit)
+        queries = queries[0] if explicit else queries
+        return heads.loss(tokens[:, 1:].float(), queries.float(), t)
 
     if cfg.vision_compile:  # fixed shapes: one static graph for the whole run
         step_loss = compile_with_fallback(step_loss, dynamic=False)
@@ -663,6 +672,12 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
     if not parts or set(parts) - {"llm", "vision"}:
         raise ValueError(f"parts must be 'llm', 'vision' or both, not {parts!r}")
     cfg = cfg or BuildConfig()
+    if cfg.llm_attention not in ("eager_fp32", "sdpa", "eager"):
+        raise ValueError(f"llm_attention must be 'eager_fp32', 'sdpa' or 'eager', "
+                         f"not {cfg.llm_attention!r}")
+    if cfg.vision_attention not in ("explicit", "sdpa"):
+        raise ValueError(f"vision_attention must be 'explicit' or 'sdpa', "
+                         f"not {cfg.vision_attention!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -674,6 +689,19 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
         "llm", "vision"} else {}
     report["build_config"] = asdict(cfg)
     seconds = report.setdefault("seconds", {})
+    # the ViT + Q-Former first: run after the compiled LLM, its explicit-attention variant trained
+    # 1.7x slower per step here (0.20 s instead of 0.12 s; why is not understood). The two parts
+    # are seeded separately, so the order changes no weight.
+    if "vision" in parts:
+        t2 = time.time()
+        vit, qformer = pretrain_vision(cfg, train)
+        (out / "vision_qformer").mkdir(exist_ok=True)
+        save_vision_qformer(vit.float(), qformer.float(), out / "vision_qformer")
+        seconds["vision_qformer"] = round(time.time() - t2, 1)
+        report["vision_qformer"] = {
+            "params": sum(p.numel() for m in (vit, qformer) for p in m.parameters()),
+            **probe_accuracy(vit, qformer, train[:2000], heldout)}
+        save_samples(out / "samples")
     if "llm" in parts:
         t1 = time.time()
         tokenizer = build_tokenizer(corpus(train[:4000], random.Random(cfg.seed)),
@@ -688,16 +716,6 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
     if "llm" in parts or "llm" not in report:
         report["llm"] = {"params": sum(p.numel() for p in llm.parameters()),
                          **llm_heldout_metrics(llm, tokenizer, heldout, cfg.seed)}
-    if "vision" in parts:
-        t2 = time.time()
-        vit, qformer = pretrain_vision(cfg, train)
-        (out / "vision_qformer").mkdir(exist_ok=True)
-        save_vision_qformer(vit.float(), qformer.float(), out / "vision_qformer")
-        seconds["vision_qformer"] = round(time.time() - t2, 1)
-        report["vision_qformer"] = {
-            "params": sum(p.numel() for m in (vit, qformer) for p in m.parameters()),
-            **probe_accuracy(vit, qformer, train[:2000], heldout)}
-        save_samples(out / "samples")
     seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 1)
     report["seconds_total"] = seconds["total"]
     # the parts above exclude the quality checks (perplexity, Q&A, probes) and the samples; the
@@ -797,7 +815,8 @@ Everything here is loaded by `preset("tiny")` offline.
 - {vq['params']:,} parameters. ViT: 60x60 images, patch 10 (36 patches + CLS), width 128,
   4 layers, 4 heads; then `ln_vision`. Q-Former: width 128, 4 layers, cross-attention in layers
   0 and 2, 10 learned queries.
-- Pretrained for {b['vision_steps']} steps x {b['vision_batch']} rendered scenes with a grounded
+- Pretrained for {b['vision_steps']} steps x {b['vision_batch']} rendered scenes (bf16 autocast,
+  {b.get('vision_attention', 'sdpa')} attention) with a grounded
   representation objective in the spirit of BLIP-2's first stage: query i (i < 9) must predict grid
   cell i's shape, colour and size (or "empty") and query 9 the background, through linear heads
   shared by the queries and then discarded.

@@ -4,6 +4,7 @@ import json
 import random
 import re
 import types
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,10 @@ from minigpt4_lite.build_assets import (
 )
 from minigpt4_lite.chat import CONV_VISION, stop_token_variants
 from minigpt4_lite.checkpoints import load_model
-from minigpt4_lite.config import ASSETS, preset
+from minigpt4_lite.config import ASSETS, TINY_QFORMER, TINY_VISION, preset
 from minigpt4_lite.model import PROMPT_TEMPLATE
+from minigpt4_lite.qformer import QFormer
+from minigpt4_lite.vision import VisionTransformer
 
 pytestmark = pytest.mark.skipif(not (ASSETS / "llm" / "config.json").exists(),
                                 reason="assets/ not built")
@@ -126,7 +129,9 @@ def test_length_bucketing_keeps_every_sequence_and_cuts_padding(tiny):
     assert bucketed(items[:16], 16, rng) == [items[:16]]  # one batch: order kept (default build)
     assert BuildConfig().llm_bucket_pool > 1 and BuildConfig().compile  # the shipped recipe
     assert PLAIN["llm_bucket_pool"] == 1 and not PLAIN["compile"]
-    assert BuildConfig().llm_attention == PLAIN["llm_attention"] == "sdpa"  # see its comment
+    # the shipped recipes use SDPA; the faster explicit attention is opt-in (see BuildConfig)
+    for recipe in (asdict(BuildConfig()), PLAIN):
+        assert recipe["llm_attention"] == recipe["vision_attention"] == "sdpa"
 
 
 def test_eager_fp32_attention_is_transformers_eager_with_float32_scores():
@@ -198,6 +203,9 @@ def test_plain_forms_are_the_earlier_recipe():
 def test_build_refuses_unknown_parts(tmp_path):
     with pytest.raises(ValueError, match="parts"):
         build(tmp_path, BuildConfig(steps_scale=0.004), parts=("llm", "vison"))
+    with pytest.raises(ValueError, match="vision_attention"):
+        build(tmp_path, BuildConfig(steps_scale=0.004, vision_attention="flash"))
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 @pytest.mark.slow
@@ -211,3 +219,19 @@ def test_miniature_build_produces_loadable_assets(tmp_path):
     assert model.encode_image(torch.zeros(1, 3, 60, 60)).shape == (1, 10, 256)
     assert set(report["vision_qformer"]) >= {"shape_accuracy", "colour_accuracy"}
     assert Path(tmp_path / "samples" / "ground_truth.json").exists()
+
+
+def test_explicit_attention_path_gives_the_fused_path_features():
+    """The vision build trains through the explicit-attention path (`vision_attention`): the
+    features it shapes must be the ones the fused path computes for everyone later."""
+    torch.manual_seed(0)
+    vit, qformer = VisionTransformer(TINY_VISION).eval(), QFormer(TINY_QFORMER, TINY_VISION.width)
+    for module in (vit, qformer.eval()):
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 3, TINY_VISION.image_size, TINY_VISION.image_size)
+    tokens, maps = vit(x, return_attentions=True)
+    queries, q_maps = qformer(tokens, return_attentions=True)
+    torch.testing.assert_close(tokens, vit(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(queries, qformer(vit(x)), rtol=1e-4, atol=1e-5)
+    assert len(maps) == TINY_VISION.layers and q_maps["cross"]
