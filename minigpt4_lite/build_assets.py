@@ -64,6 +64,10 @@ KIND_WEIGHTS = (30, 30, 15, 10, 15)
 QA_TURNS = (3, 6)  # questions per `qa_chat` dialogue
 
 
+LLM_ATTENTIONS = ("sdpa", "eager_fp32", "eager")  # see `BuildConfig.llm_attention`
+VISION_ATTENTIONS = ("sdpa", "explicit")
+
+
 @dataclass
 class BuildConfig:
     """Every number of the asset build, in one place (written into the model card)."""
@@ -553,13 +557,13 @@ def pretrain_vision(cfg: BuildConfig, scenes: list[tw.Scene]):
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     total = cfg.steps(cfg.vision_steps)
 
-    explicit = cfg.vision_attention == "explicit"  # the maps' code path: see BuildConfig
-
     def step_loss(x, t):
-        tokens = vit(x, return_attentions=explicit)
-        tokens = tokens[0] if explicit else tokens
-        queries = qformer(tokens, return_attentions=explicit)
-        queries = queries[0] if explicit else queries
+        if cfg.vision_attention == "explicit":  # the maps' code path, maps unused: see BuildConfig
+            tokens = vit(x, return_attentions=True)[0]
+            queries = qformer(tokens, return_attentions=True)[0]
+        else:
+            tokens = vit(x)
+            queries = qformer(tokens)
         return heads.loss(tokens[:, 1:].float(), queries.float(), t)
 
     if cfg.vision_compile:  # fixed shapes: one static graph for the whole run
@@ -672,12 +676,11 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
     if not parts or set(parts) - {"llm", "vision"}:
         raise ValueError(f"parts must be 'llm', 'vision' or both, not {parts!r}")
     cfg = cfg or BuildConfig()
-    if cfg.llm_attention not in ("eager_fp32", "sdpa", "eager"):
-        raise ValueError(f"llm_attention must be 'eager_fp32', 'sdpa' or 'eager', "
-                         f"not {cfg.llm_attention!r}")
-    if cfg.vision_attention not in ("explicit", "sdpa"):
-        raise ValueError(f"vision_attention must be 'explicit' or 'sdpa', "
-                         f"not {cfg.vision_attention!r}")
+    for name, allowed in (("llm_attention", LLM_ATTENTIONS), ("vision_attention",
+                                                               VISION_ATTENTIONS)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
+                             f"not {getattr(cfg, name)!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
