@@ -130,11 +130,16 @@ def scene_features(model, scenes: list[tw.Scene], batch_size: int = 256) -> torc
 @torch.no_grad()
 def evaluate(model, scenes: list[tw.Scene], registers=("caption", "detailed", "poem", "qa"),
              batch_size: int = 100, features: torch.Tensor | None = None,
-             return_texts: bool = False) -> dict:
-    """Generate greedily for each register on `scenes` and measure against the ground truth."""
+             return_texts: bool = False, image_embeds: torch.Tensor | None = None) -> dict:
+    """Generate greedily for each register on `scenes` and measure against the ground truth.
+
+    The visual tokens are the projection of `features` (computed if not given), or
+    `image_embeds` as they are (see `slot_ceiling`).
+    """
     model.eval()
-    features = scene_features(model, scenes) if features is None else features
-    image_embeds = model.project(features)
+    if image_embeds is None:
+        features = scene_features(model, scenes) if features is None else features
+        image_embeds = model.project(features)
     results, texts = {}, {}
     qa = qa_items(scenes)
     for register in registers:
@@ -163,6 +168,24 @@ def evaluate(model, scenes: list[tw.Scene], registers=("caption", "detailed", "p
     if return_texts:
         return results, texts
     return results
+
+
+@torch.no_grad()
+def slot_ceiling(model, scenes: list[tw.Scene], registers=("caption", "detailed", "qa")) -> dict:
+    """`evaluate` with *exact slot vectors* as the visual tokens: the LLM's own ceiling.
+
+    Only for the ToyWorld LLM of `assets/`: slot vectors are the scene in the LLM's own input
+    space, as it read scenes in its text-only pretraining (`build_assets.SlotEncoder`, no noise),
+    i.e. what a perfect projection onto them would hand it. Over seven LLM builds the demo's
+    stage-2 failure rate lay 2-13 points above this ceiling's (README, "Where the demo's figures
+    come from"), so a build's ceiling predicts its demo. (Captions in the stage-1 layout are the
+    exception: an LLM that never read slots in that layout captions them poorly, and the stage-1
+    projection finds tokens that work better.)
+    """
+    from .build_assets import SlotEncoder
+
+    exact = SlotEncoder(model.tokenizer)(scenes, model.llm.get_input_embeddings(), 0.0)
+    return evaluate(model, scenes, registers, image_embeds=exact.to(model.device))
 
 
 def table3(results: dict[str, dict]) -> str:

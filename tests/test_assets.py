@@ -12,6 +12,8 @@ import torch
 
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite.build_assets import (
+    FAST,
+    FORMS,
     PLAIN,
     BuildConfig,
     SlotEncoder,
@@ -28,8 +30,13 @@ from minigpt4_lite.build_assets import (
 from minigpt4_lite.chat import CONV_VISION, stop_token_variants
 from minigpt4_lite.checkpoints import load_model
 from minigpt4_lite.config import ASSETS, TINY_QFORMER, TINY_VISION, preset
-from minigpt4_lite.model import PROMPT_TEMPLATE
+from minigpt4_lite.data import ToyWorldDataset
+from minigpt4_lite.errors import TrainingError
+from minigpt4_lite.evaluate import slot_ceiling
+from minigpt4_lite.model import IGNORE_INDEX, PROMPT_TEMPLATE
+from minigpt4_lite.processing import clean_caption
 from minigpt4_lite.qformer import QFormer
+from minigpt4_lite.train import RECIPES
 from minigpt4_lite.vision import VisionTransformer
 
 pytestmark = pytest.mark.skipif(not (ASSETS / "llm" / "config.json").exists(),
@@ -78,6 +85,13 @@ def test_llm_answers_colour_questions_from_words(tiny):
     correct = [re.search(rf"\b{k}\b", a.split("###")[0]) is not None
                for a, k in zip(answers, keys)]
     assert sum(correct) / len(correct) >= 0.5  # 0.57 on these scenes; 0.55 on 300 (model card)
+
+
+def test_llm_describes_scenes_from_exact_slot_vectors(tiny):
+    """The frozen LLM reads what it was pretrained on: given the *exact* slot vectors of held-out
+    scenes, its detailed descriptions name the objects (the ceiling of every projection)."""
+    m = slot_ceiling(tiny, tw.make_scenes("heldout", 40), registers=("detailed",))["detailed"]
+    assert m["object_recall"] >= 0.88 and m["hallucination_rate"] <= 0.03, m
 
 
 def test_probe_accuracy_from_shipped_weights(tiny):
@@ -129,9 +143,13 @@ def test_length_bucketing_keeps_every_sequence_and_cuts_padding(tiny):
     assert bucketed(items[:16], 16, rng) == [items[:16]]  # one batch: order kept (default build)
     assert BuildConfig().llm_bucket_pool > 1 and BuildConfig().compile  # the shipped recipe
     assert PLAIN["llm_bucket_pool"] == 1 and not PLAIN["compile"]
-    # the shipped recipes use SDPA; the faster explicit attention is opt-in (see BuildConfig)
-    for recipe in (asdict(BuildConfig()), PLAIN):
-        assert recipe["llm_attention"] == recipe["vision_attention"] == "sdpa"
+    assert PLAIN["llm_attention"] == PLAIN["vision_attention"] == "sdpa"
+
+
+def test_default_build_config_is_the_shipped_recipe():
+    """`build-assets` without options rebuilds the recipe of the shipped assets (model card)."""
+    shipped = json.loads((ASSETS / "build_report.json").read_text())["build_config"]
+    assert json.loads(json.dumps(asdict(BuildConfig()))) == shipped
 
 
 def test_eager_fp32_attention_is_transformers_eager_with_float32_scores():
@@ -191,13 +209,43 @@ def test_qa_dialogue_supervises_every_answer_in_the_chat_layout(tiny):
 
 
 def test_plain_forms_are_the_earlier_recipe():
-    """`--plain` draws exactly what the build drew before the `qa_chat` form existed."""
-    assert PLAIN["form_weights"][-1] == 0 and BuildConfig().form_weights[-1] > 0
+    """`--plain` draws exactly what the build drew before the `qa_chat` and `slot_caption` forms
+    existed: forms added with weight 0 at the end change no draw."""
+    assert PLAIN["form_weights"][4:] == (0, 0) and BuildConfig().form_weights[4] > 0
+    assert FAST["form_weights"][FORMS.index("slot_caption")] > 0
     old, new = random.Random(5), random.Random(5)
     earlier = [old.choices(("caption", "words", "slots", "chat"), weights=(15, 20, 45, 20))[0]
                for _ in range(500)]
-    forms = ("caption", "words", "slots", "chat", "qa_chat")
-    assert earlier == [new.choices(forms, weights=PLAIN["form_weights"])[0] for _ in range(500)]
+    assert earlier == [new.choices(FORMS, weights=PLAIN["form_weights"])[0] for _ in range(500)]
+
+
+def test_slot_caption_form_is_stage1_layout(tiny):
+    """`slot_caption` shows the LLM the very sequence stage 1 trains on: [BOS] [slots] caption\n,
+    every caption token supervised, the caption cleaned as stage 1's data is."""
+    scenes = tw.make_scenes("heldout", 6)
+    only = tuple(int(f == "slot_caption") for f in FORMS)
+    items = llm_examples(tiny, scenes, random.Random(0), only)
+    cfg = RECIPES["tiny-stage1"]
+    n_img = tiny.cfg.num_visual_tokens
+    for (example, scene), sample in zip(items, ToyWorldDataset.from_scenes(1, scenes)):
+        stage1 = tiny.build_example(sample.prompt, sample.answer, cfg.end_sym, cfg.max_txt_len)
+        assert scene is not None  # the scene's slot vectors fill the image slots
+        for ex in (example, stage1):
+            assert ex.ids[:1 + n_img] == [tiny.tokenizer.bos_token_id] + [-1] * n_img
+            assert ex.labels[:1 + n_img] == [IGNORE_INDEX] * (1 + n_img)
+            assert ex.labels[1 + n_img:] == ex.ids[1 + n_img:]
+        text = tiny.tokenizer.decode(example.ids[1 + n_img:])
+        assert text.endswith("\n") and text[:-1] == clean_caption(text[:-1])
+        assert all(obj.shape in text for obj in scene.objects)
+
+
+def test_build_stops_on_a_nan_loss_and_saves_nothing_of_that_part(tmp_path):
+    """A diverging pretraining (seen once on a GPU) must not leave a NaN model in the assets."""
+    cfg = BuildConfig(steps_scale=0.004, n_train_scenes=200, llm_lr=1e9, compile=False,
+                      llm_attention="sdpa")
+    with pytest.raises(TrainingError, match=r"LLM pretraining loss became (nan|inf)"):
+        build(tmp_path, cfg, parts=("llm",))
+    assert not (tmp_path / "llm" / "model.safetensors").exists()
 
 
 def test_build_refuses_unknown_parts(tmp_path):
