@@ -10,6 +10,13 @@
 #   python benchmarks/stage1_step.py --merge-from DIR/BENCHMARKS.md
 #   python benchmarks/chat_decode.py --merge-from DIR/BENCHMARKS.md
 #   python benchmarks/memory.py --merge-from DIR/BENCHMARKS.md
+#
+# A first, short try on an H200 (2026-11-27, 95 s per benchmark): the 7B stage-1 step printed
+# nothing in 95 s (building the random 7B model and its peer takes longer; give it its full
+# limit). The 7B chat decode reached its first exactness check (batch 1): with random bf16
+# weights, plain `generate` with a dynamic cache and with a static cache chose different greedy
+# tokens, and ours (static on a GPU) agreed with ours forced static; random weights leave
+# near-ties everywhere, so the two cache layouts' rounding decides them. Its timings did not run.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
