@@ -298,8 +298,8 @@ def collate_with_slots(wrapper: MiniGPT4, slots: SlotEncoder, items, gen, noise)
     batch = wrapper.collate([example for example, _ in items])
     slot_scenes = [scene for _, scene in items if scene is not None]
     emb = wrapper.llm.get_input_embeddings()
-    image_embeds = (slots(slot_scenes, emb, noise, gen) if slot_scenes
-                    else emb.weight.new_zeros(0, N_SLOTS, emb.weight.shape[1]))
+    # no slot scenes: an empty [0, N_SLOTS, d] on the LLM's device, as `embed` needs
+    image_embeds = slots(slot_scenes, emb, noise, gen)
     batch["inputs_embeds"] = wrapper.embed(batch["input_ids"], batch["image_mask"], image_embeds)
     return batch
 
@@ -502,8 +502,7 @@ def _greedy(wrapper: MiniGPT4, slots: SlotEncoder, prompts, scenes, max_new_toke
     """Greedy answers to prompts (with slot vectors for `scenes`), cut at `###`."""
     batch = wrapper.collate([wrapper.build_example(p) for p in prompts], padding_side="left")
     emb = wrapper.llm.get_input_embeddings()
-    image_embeds = (slots(scenes, emb, 0.0) if scenes
-                    else emb.weight.new_zeros(0, N_SLOTS, emb.weight.shape[1]))
+    image_embeds = slots(scenes or [], emb, 0.0)  # empty for prompts without slots
     embeds = wrapper.embed(batch["input_ids"], batch["image_mask"], image_embeds)
     out = wrapper.llm.generate(inputs_embeds=embeds,
                                attention_mask=batch["attention_mask"].to(embeds.device),
@@ -806,7 +805,8 @@ def _fast_note(b: dict) -> str:
 
 def _slot_caption_note(b: dict) -> str:
     weights = b.get("form_weights", FORM_WEIGHTS)
-    if len(weights) < 6 or not weights[5]:
+    i = FORMS.index("slot_caption")  # reports from before it existed have fewer weights
+    if len(weights) <= i or not weights[i]:
         return ""
     return ("\n  The last form is stage 1's own layout (`[BOS] [slots] caption\\n`, no prompt):"
             " like BLIP-2's\n  second stage, which trained its Q-Former's outputs to be"

@@ -292,11 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default="llm,vision",
                    help="what to rebuild: llm, vision or both (the rest is read from --out)")
-    recipe = p.add_mutually_exclusive_group()
-    recipe.add_argument("--plain", action="store_true",
+    which = p.add_mutually_exclusive_group()  # the build recipe
+    which.add_argument("--plain", action="store_true",
                         help="the earlier, slower recipe: random batches, no torch.compile, no "
                              "multi-turn Q&A dialogues (see build_assets.PLAIN)")
-    recipe.add_argument("--fast", action="store_true",
+    which.add_argument("--fast", action="store_true",
                         help="the recipe within 30 minutes on a 2-core CPU: explicit attention, "
                              "10%% slot-caption sequences; its LLMs gave the demo more stage-2 "
                              "failures (see build_assets.FAST)")
