@@ -184,10 +184,10 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_build_assets(args) -> int:
-    from .build_assets import FAST, PLAIN, BuildConfig, build
+    from .build_assets import PLAIN, PREVIOUS, BuildConfig, build
 
     cfg = BuildConfig(device=args.device, steps_scale=args.steps_scale, seed=args.seed,
-                      **(PLAIN if args.plain else FAST if args.fast else {}))
+                      **(PLAIN if args.plain else PREVIOUS if args.previous else {}))
     report = build(args.out, cfg, parts=tuple(args.parts.split(",")))
     print(json.dumps({k: v for k, v in report.items() if k != "sha256"}, indent=2))
     return 0
@@ -296,10 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--plain", action="store_true",
                         help="the earlier, slower recipe: random batches, no torch.compile, no "
                              "multi-turn Q&A dialogues (see build_assets.PLAIN)")
-    which.add_argument("--fast", action="store_true",
-                        help="the recipe within 30 minutes on a 2-core CPU: explicit attention, "
-                             "10%% slot-caption sequences; its LLMs gave the demo more stage-2 "
-                             "failures (see build_assets.FAST)")
+    which.add_argument("--previous", action="store_true",
+                        help="the recipe of the assets shipped until 2026-11-27: fused attention, "
+                             "no slot captions, no words objective, 38 min on a 2-core CPU (see "
+                             "build_assets.PREVIOUS)")
     p.set_defaults(func=cmd_build_assets)
     return parser
 

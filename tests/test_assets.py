@@ -12,19 +12,25 @@ import torch
 
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite.build_assets import (
-    FAST,
     FORMS,
     PLAIN,
+    PREVIOUS,
     BuildConfig,
+    GroundedHeads,
     SlotEncoder,
     bucketed,
     build,
+    cell_targets,
     label_tokens,
+    linear_readout_r2,
+    llm_example,
     llm_examples,
     pool_tokens_per_batch,
     probe_accuracy,
     qa_dialogue,
     sha256,
+    slot_vocabulary,
+    slot_word_counts,
     slot_words,
 )
 from minigpt4_lite.chat import CONV_VISION, stop_token_variants
@@ -110,6 +116,44 @@ def test_slot_vectors_describe_the_scene(tiny):
     assert all(words[c][-1] == "empty" for c in range(9) if c not in scene.cells)
     slots = SlotEncoder(tiny.tokenizer)([scene], tiny.llm.get_input_embeddings(), 0.0)
     assert slots.shape == (1, 10, 256)
+
+
+def test_slot_word_counts_are_the_slot_words():
+    scenes = tw.make_scenes("train", 5)
+    counts, vocab = slot_word_counts(scenes), slot_vocabulary()
+    for b, scene in enumerate(scenes):
+        for s, words in enumerate(slot_words(scene)):
+            assert sorted(w for i, w in enumerate(vocab) for _ in range(int(counts[b, s, i]))) \
+                == sorted(words)
+    assert torch.equal(cell_targets(scenes)["words"], counts)
+
+
+def test_shipped_query_outputs_map_linearly_onto_the_llms_slot_vectors(tiny):
+    """The words objective: some linear projection hands the LLM (almost) its exact slots."""
+    r2 = linear_readout_r2(tiny, tw.make_scenes("train", 600), tw.make_scenes("heldout", 100))
+    assert r2 >= 0.99, r2
+
+
+def test_words_objective_is_a_least_squares_bag_of_words_term():
+    torch.manual_seed(0)
+    plain, words = GroundedHeads(128, 128), GroundedHeads(128, 128, words_weight=2.0)
+    assert not hasattr(plain, "words")  # builds without it draw the same initial weights
+    scenes = tw.make_scenes("train", 3)
+    t, patches, queries = cell_targets(scenes), torch.randn(3, 36, 128), torch.randn(3, 10, 128)
+    words.load_state_dict(plain.state_dict(), strict=False)
+    torch.nn.init.zeros_(words.words.weight)
+    torch.nn.init.zeros_(words.words.bias)  # predicts no word at all: error = every word present
+    extra = words.loss(patches, queries, t) - plain.loss(patches, queries, t)
+    n_words = sum(len(w) for s in scenes for w in slot_words(s))
+    assert extra.item() == pytest.approx(2.0 * n_words / 30, rel=1e-5)
+
+
+def test_kind_weights_choose_the_registers():
+    scene, rng = tw.make_scene(3), random.Random(0)
+    only_detailed = (1, 0, 0, 0, 0)
+    for _ in range(20):
+        _, answer, end, _ = llm_example(scene, rng, "slots", only_detailed)
+        assert end == "###" and answer.count(".") >= 2  # a multi-sentence description
 
 
 def test_model_card_hashes_match_files():
@@ -212,7 +256,8 @@ def test_plain_forms_are_the_earlier_recipe():
     """`--plain` draws exactly what the build drew before the `qa_chat` and `slot_caption` forms
     existed: forms added with weight 0 at the end change no draw."""
     assert PLAIN["form_weights"][4:] == (0, 0) and BuildConfig().form_weights[4] > 0
-    assert FAST["form_weights"][FORMS.index("slot_caption")] > 0
+    assert BuildConfig().form_weights[FORMS.index("slot_caption")] > 0
+    assert PREVIOUS["form_weights"][FORMS.index("slot_caption")] == 0
     old, new = random.Random(5), random.Random(5)
     earlier = [old.choices(("caption", "words", "slots", "chat"), weights=(15, 20, 45, 20))[0]
                for _ in range(500)]
