@@ -63,7 +63,7 @@ N_SLOTS = TINY_QFORMER.num_query_tokens  # 9 grid cells + the background
 
 
 # What the LLM reads during pretraining: shares of each form and of each register (TASK_KINDS:
-# detailed, qa, poem, story, caption); see `llm_example` and `qa_dialogue`. Measured over nine
+# detailed, qa, poem, story, caption); see `llm_example` and `qa_dialogue`. Measured over eight
 # LLM builds (README, "How the targets were reached"): 10% `slot_caption` sequences (stage
 # 1's own layout) make stage 1's alignment reliable, and detailed descriptions as 45% of the
 # registers (instead of 30%) gave the LLM that describes scenes best from exact slot vectors.
