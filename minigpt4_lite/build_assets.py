@@ -705,10 +705,10 @@ def linear_readout_r2(model, train: list[tw.Scene], heldout: list[tw.Scene]) -> 
 
     slots, emb = SlotEncoder(model.tokenizer), model.llm.get_input_embeddings()
 
-    def design(scenes):
-        f = scene_features(model, scenes).float().flatten(0, 1)
-        return torch.cat([f, torch.ones(len(f), 1)], 1), slots(scenes, emb, 0.0).float().flatten(
-            0, 1).cpu()
+    def design(scenes):  # rows: one query output (+ a 1 for the bias) -> its exact slot vector
+        f = scene_features(model, scenes).float().flatten(0, 1).cpu()
+        target = slots(scenes, emb, 0.0).float().flatten(0, 1).cpu()
+        return torch.cat([f, torch.ones(len(f), 1)], 1), target
 
     (x, y), (x_ho, y_ho) = design(train), design(heldout)
     w = torch.linalg.solve(x.T @ x + 1e-3 * torch.eye(x.shape[1]), x.T @ y)

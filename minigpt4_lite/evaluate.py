@@ -177,10 +177,11 @@ def slot_ceiling(model, scenes: list[tw.Scene], registers=("caption", "detailed"
     Only for the ToyWorld LLM of `assets/`: slot vectors are the scene in the LLM's own input
     space, as it read scenes in its text-only pretraining (`build_assets.SlotEncoder`, no noise),
     i.e. what a perfect projection onto them would hand it. Over eight LLM builds the demo's
-    stage-2 failure rate lay 2-13 points above this ceiling's (README, "Where the demo's figures
-    come from"), so a build's ceiling predicts its demo. (Captions in the stage-1 layout are the
-    exception: an LLM that never read slots in that layout captions them poorly, and the stage-1
-    projection finds tokens that work better.)
+    stage-2 failure rate lay 2-13 points above this ceiling's with the earlier Q-Former, 0-7.5
+    points with the one trained to be read linearly (README, "How the targets were reached"), so
+    a build's ceiling predicts its demo. (Captions in the stage-1 layout are the exception for an
+    LLM that never read slots in that layout: the stage-1 projection finds tokens that work
+    better there.)
     """
     from .build_assets import SlotEncoder
 
