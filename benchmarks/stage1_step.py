@@ -1,7 +1,7 @@
 """Stage-1 training step: minigpt4-lite vs transformers' BLIP-2, same weights, same batch.
 
 One step = forward + backward + AdamW step on the projection only, for `[BOS] [visual tokens]
-[caption of 32 tokens]` (REFERENCE.md "Sequence layout and loss"). The peer is transformers'
+[caption of 32 tokens]` (docs/official.md, "Sequence layout and loss"). The peer is transformers'
 `Blip2ForConditionalGeneration` with a LLaMA text model of identical shapes, holding the same
 weights: ViT and Q-Former copied from ours through the inverse key maps (`hf_vision_keys`,
 `hf_qformer_keys`), `language_projection` = our `llama_proj`, the LLM copied (tiny) or shared
@@ -57,7 +57,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from minigpt4_lite.config import VICUNA_7B, preset  # noqa: E402
-from minigpt4_lite.model import IGNORE_INDEX, Example, MiniGPT4  # noqa: E402
+from minigpt4_lite.model import END_SYM, IGNORE_INDEX, Example, MiniGPT4  # noqa: E402
 from minigpt4_lite.qformer import hf_qformer_keys  # noqa: E402
 from minigpt4_lite.vision import hf_vision_keys  # noqa: E402
 
@@ -308,7 +308,7 @@ def tiny_batch(model: MiniGPT4, batch_size: int) -> dict:
     examples = []
     for s in samples:
         answer = s.answer
-        while len(model.text_ids(answer + model.cfg.end_sym)) < CAPTION_TOKENS:
+        while len(model.text_ids(answer + END_SYM[1])) < CAPTION_TOKENS:
             answer += " " + s.answer
         examples.append(model.build_example(None, answer, max_txt_len=CAPTION_TOKENS))
     batch = model.collate(examples)

@@ -34,7 +34,7 @@ import math
 import os
 import platform
 import random
-import re
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +50,15 @@ from .chat import CONV_VISION
 from .checkpoints import atomic_save_file, load_model
 from .config import TINY_QFORMER, TINY_VISION, MiniGPT4Config, preset
 from .errors import TrainingError
-from .model import IGNORE_INDEX, IMAGE_PLACEHOLDER, PROMPT_TEMPLATE, Example, MiniGPT4
+from .model import (
+    END_SYM,
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    MAX_TXT_LEN,
+    PROMPT_TEMPLATE,
+    Example,
+    MiniGPT4,
+)
 from .processing import CLIP_MEAN, CLIP_STD, clean_caption
 from .qformer import QFormer, hf_qformer_keys
 from .train import compile_llm, compile_with_fallback
@@ -142,7 +150,11 @@ PREVIOUS = {"llm_attention": "sdpa", "vision_attention": "sdpa",
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
-    """Linear warmup to `peak`, then cosine decay to `floor` (the schedule of REFERENCE.md)."""
+    """Linear warmup to `peak`, then cosine decay to `floor` over the steps after the warmup.
+
+    The backbones' pretraining schedule, not MiniGPT-4's: the official one (docs/official.md,
+    `train.learning_rate`) runs its cosine over the whole run, warmup included.
+    """
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -284,8 +296,8 @@ def qa_dialogue(wrapper: MiniGPT4, scene: tw.Scene, rng: random.Random) -> Examp
     conv = CONV_VISION.copy()
     conv.append("Human", f"<Img>{IMAGE_PLACEHOLDER}</Img> {pairs[0][0]}")
     conv.append("Assistant", None)
-    example = wrapper.build_example(conv.prompt(), " " + pairs[0][1], end_sym="###",
-                                    max_txt_len=160)
+    example = wrapper.build_example(conv.prompt(), " " + pairs[0][1], end_sym=END_SYM[2],
+                                    max_txt_len=MAX_TXT_LEN[2])
     for question, answer, _ in pairs[1:]:  # the chat's layout: "...###Human: q###Assistant: a###"
         ask = wrapper.text_ids(f"Human: {question}###Assistant:")
         say = wrapper.text_ids(f" {answer}###")
@@ -304,7 +316,8 @@ def llm_examples(wrapper: MiniGPT4, scenes, rng, form_weights=FORM_WEIGHTS,
             items.append((qa_dialogue(wrapper, scene, rng), scene))
             continue
         prompt, answer, end_sym, uses_slots = llm_example(scene, rng, form, kind_weights)
-        example = wrapper.build_example(prompt, answer, end_sym=end_sym, max_txt_len=160)
+        example = wrapper.build_example(prompt, answer, end_sym=end_sym,
+                                        max_txt_len=MAX_TXT_LEN[2])
         items.append((example, scene if uses_slots else None))
     return items
 
@@ -473,6 +486,8 @@ def _autocast(device: str):
 @torch.no_grad()
 def llm_heldout_metrics(llm, tokenizer, scenes: list[tw.Scene], seed: int) -> dict:
     """Held-out perplexity, and colour-question accuracy with the scene in words or as slots."""
+    from .evaluate import answer_correct  # evaluate imports this module's SlotEncoder
+
     wrapper = _wrapper(llm, tokenizer)
     slots = SlotEncoder(tokenizer)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -485,7 +500,9 @@ def llm_heldout_metrics(llm, tokenizer, scenes: list[tw.Scene], seed: int) -> di
                   attention_mask=batch["attention_mask"].to(llm.device),
                   labels=batch["labels"].to(llm.device))
         losses.append(out.loss.item())
-    result = {"heldout_perplexity": math.exp(float(np.mean(losses)))}
+    # "strict": `evaluate.answer_correct` (the first value named; the exact cell); reports of builds
+    # before 2026-11-29 lack this key: their Q&A figures counted the key anywhere in the answer
+    result = {"heldout_perplexity": math.exp(float(np.mean(losses))), "qa_scoring": "strict"}
     for form in ("words", "slots"):
         prompts, keys, slot_scenes = [], [], []
         for scene in scenes:
@@ -498,7 +515,7 @@ def llm_heldout_metrics(llm, tokenizer, scenes: list[tw.Scene], seed: int) -> di
             keys.append(k)
             slot_scenes.append(scene)
         answers = _greedy(wrapper, slots, prompts, slot_scenes if form == "slots" else None)
-        correct = [re.search(rf"\b{k}\b", a.lower()) is not None for a, k in zip(answers, keys)]
+        correct = [answer_correct(a, k) for a, k in zip(answers, keys)]
         result[f"colour_qa_accuracy_{form}"] = float(np.mean(correct))
         result[f"qa_accuracy_{form}"] = qa_by_kind(wrapper, slots, scenes, form, seed)
     return result
@@ -753,10 +770,6 @@ def save_samples(folder: Path, n: int = 8) -> None:
     (folder / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def build(out: str | Path, cfg: BuildConfig | None = None,
           parts: tuple[str, ...] = ("llm", "vision")) -> dict:
     """Build the assets into `out`; returns the measured figures (also in `build_report.json`).
@@ -834,6 +847,48 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
     return report
 
 
+# --- the model card (assets/README.md) -----------------------------------------------------------
+# Every figure the card states is read from `build_report.json` (what the build measured), from
+# the shipped files themselves (parameter counts, sizes, hashes, `projections/metrics.json`) or
+# from the configs next to the weights. Sentences that are not measured by the build are printed
+# under a label that says so. `write_model_card(folder)` re-renders the card from the files in
+# `folder` without rebuilding anything; a test checks that the shipped card is up to date.
+CARD_EXCLUDED = ("README.md",)  # the card does not list itself
+
+# Figures of builds shipped before the current recipe, measured when they were current
+# (2026-11-27) and recorded here by hand: a rebuild does not re-measure them.
+EARLIER_WORDS_FIGURES = (
+    "Without the words objective (the assets shipped before 2026-11-27) the same least-squares "
+    "fit reached R^2 0.93; with the LLM shipped then, the demo's stage 2 failed 11.5% of "
+    "detailed descriptions without the objective and 8.0% with it, and answered 24% and 72% of "
+    "position questions, scored leniently as then (docs/asset_history.md).")
+PROTOTYPE_NOTE = (
+    "a prototype found that an LLM this small, pretrained on words only, could not be taught to "
+    "read arbitrary soft tokens through one linear layer (object recall 0.02-0.07, although the "
+    "visual features held the scene). Vicuna-13B can read such tokens, and BLIP-2's Q-Former had "
+    "already been trained to talk to a frozen LLM; our tiny LLM gets the equivalent skill from "
+    "the slot vectors. It never saw a pixel: the projection must still learn to map what the "
+    "Q-Former sees onto what the LLM can read.")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def safetensors_params(path: Path) -> int:
+    """The number of values stored in a safetensors file (read from its header, no tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def shipped_files(folder: Path) -> list[Path]:
+    """Every file of the assets folder that the card lists, in a stable order."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.name not in CARD_EXCLUDED and "__pycache__" not in p.parts)
+
+
 def _seconds(report: dict) -> str:
     parts = {k: v for k, v in report.get("seconds", {}).items() if k != "total"}
     return ", ".join(f"{k}: {v:.0f} s" for k, v in parts.items()) or "one run"
@@ -843,22 +898,13 @@ def _build_time(report: dict) -> str:
     """The whole command's time where one run built everything, else the sum of the parts."""
     wall = report.get("seconds_wall")
     if wall:
-        return (f"{wall:.0f} s for the whole command, quality checks included "
-                f"({report['seconds_total']:.0f} s of training)")
-    return f"{report['seconds_total']:.0f} s"
+        return (f"{wall:,.0f} s for the whole command, quality checks included "
+                f"({report['seconds_total']:,.0f} s of training)")
+    return f"{report['seconds_total']:,.0f} s"
 
 
-def _cell_probe(vq: dict) -> str:
-    return (f", the cell a query stands for (from that query alone) **{vq['cell_accuracy']:.4f}**"
-            if "cell_accuracy" in vq else "")
-
-
-def _plain_note(report: dict) -> str:
-    return f"\n- {report['plain_note']}" if report.get("plain_note") else ""
-
-
-def _time_note(report: dict) -> str:
-    return f" {report['time_note']}" if report.get("time_note") else ""
+def _recorded(text: str | None, label: str) -> str:
+    return f"\n- *{label}:* {text}" if text else ""
 
 
 def _fast_note(b: dict) -> str:
@@ -874,10 +920,19 @@ def _slot_caption_note(b: dict) -> str:
     i = FORMS.index("slot_caption")  # reports from before it existed have fewer weights
     if len(weights) <= i or not weights[i]:
         return ""
-    return ("\n  The last form is stage 1's own layout (`[BOS] [slots] caption\\n`, no prompt):"
+    return ("\n  The last form is stage 1's own layout (`[BOS] [slots] caption\\n`, no prompt),"
             " like BLIP-2's\n  second stage, which trained its Q-Former's outputs to be"
-            " captioned by a frozen LLM, it\n  makes captioning from soft tokens a skill the LLM"
-            " has before stage 1 starts (see the README).")
+            " captioned by a frozen LLM.")
+
+
+def _scoring_note(llm: dict) -> str:
+    """Q&A figures of builds before strict scoring counted the key anywhere in the answer."""
+    if llm.get("qa_scoring") == "strict":
+        return ""
+    return ("- *The Q&A figures below were scored leniently when this LLM was built (the answer "
+            "key anywhere in the answer as whole words, so \"bottom center\" counted for "
+            "\"center\"); the strict figures of the same LLM (`evaluate.slot_ceiling`) are in "
+            "BENCHMARKS.md, section \"The demo over N seeds\".*\n")
 
 
 def _by_kind(acc: dict) -> str:
@@ -889,34 +944,106 @@ def _words_note(b: dict, report: dict) -> str:
         return ""
     r2 = report.get("linear_readout_r2")
     fit = (f" The least-squares linear map from the query outputs to the LLM's exact slot vectors "
-           f"reaches R^2 **{r2:.4f}** on held-out scenes (`linear_readout_r2`)") if r2 else ""
+           f"reaches R^2 **{r2:.4f}** on held-out scenes (`linear_readout_r2`).") if r2 else ""
     return f"""
 - A second objective (weight {b['vision_words_weight']}): through one shared linear layer, each
   query's output must give, by least squares, the bag of *words* of its slot (the cell's position
-  words and size, colour, shape or "empty"; the background's words for query 9). The Q-Former
-  never sees the LLM, but its outputs become linearly *readable* as words, as BLIP-2's second
-  stage made its Q-Former readable by a frozen LLM through one fully-connected layer, so a linear
-  projection onto the LLM's slot vectors exists.{fit}. Without it (the assets before 2026-11-27)
-  the same fit reached R^2 0.93; with the LLM shipped then, the demo's stage 2 failed 11.5% of
-  detailed descriptions without it and 8.0% with it, and answered 24% and 72% of position
-  questions (README, "How the targets were reached")."""
+  words and size, colour, shape or "empty"; the background's words for the last query). The
+  Q-Former never sees the LLM; the objective makes its outputs linearly *readable* as words, as
+  BLIP-2's second stage made its Q-Former readable by a frozen LLM through one fully-connected
+  layer.{fit}{_recorded(EARLIER_WORDS_FIGURES, "Recorded from earlier builds, not re-measured")}"""
 
 
-def write_model_card(out: str | Path, report: dict) -> Path:
-    """`assets/README.md`: how each asset was built, its figures, and every file's sha256."""
-    out = Path(out)
+def _vision_architecture(cfg: dict) -> str:
+    v, q = cfg["vision_config"], cfg["qformer_config"]
+    side = v["image_size"] // v["patch_size"]
+    cross = [str(i) for i in range(0, q["num_hidden_layers"], q["cross_attention_frequency"])]
+    return (f"ViT: {v['image_size']}x{v['image_size']} images, patch {v['patch_size']} "
+            f"({side * side} patches + CLS), width {v['hidden_size']},\n  "
+            f"{v['num_hidden_layers']} layers, {v['num_attention_heads']} heads; then "
+            f"`ln_vision`. Q-Former: width {q['hidden_size']}, {q['num_hidden_layers']} layers, "
+            f"cross-attention in layers\n  {' and '.join(cross)}, "
+            f"{cfg['num_query_tokens']} learned queries")
+
+
+def _samples_section(folder: Path) -> str:
+    truth_file = folder / "samples" / "ground_truth.json"
+    if not truth_file.exists():
+        return "Not built."
+    from PIL import Image
+
+    names = list(json.loads(truth_file.read_text()))
+    sizes = set()
+    for name in names:
+        with Image.open(folder / "samples" / name) as im:
+            sizes.add(f"{im.width}x{im.height}")
+    return (f"{len(names)} held-out ToyWorld scenes rendered at {', '.join(sorted(sizes))} px "
+            "(the model reads them resized to its own image size), with their ground truth in\n"
+            "`ground_truth.json`.")
+
+
+def _projections_section(folder: Path) -> str:
+    proj = folder / "projections"
+    metrics_file = proj / "metrics.json"
+    if not metrics_file.exists():
+        return "Not trained yet: `python -m minigpt4_lite demo --out assets/projections`."
+    m = json.loads(metrics_file.read_text())
+    params = {stage: safetensors_params(proj / stage / "projection.safetensors")
+              for stage in ("stage1", "stage2") if (proj / stage / "projection.safetensors")
+              .exists()}
+    s = m["seconds"]
+
+    def figures(r: dict) -> str:
+        d = r["detailed"]
+        qa = f", Q&A accuracy {r['qa']['accuracy']:.1%}" if "qa" in r else ""
+        return (f"detailed descriptions fail {d['failure_rate']:.1%} (object recall "
+                f"{d['object_recall']:.3f}, hallucination {d['hallucination_rate']:.3f}), "
+                f"caption recall {r['caption']['object_recall']:.3f}{qa}")
+
+    counts = ", ".join(f"{stage}: {n:,}" for stage, n in params.items())
+    return f"""The reference projections trained by `python -m minigpt4_lite demo --out
+assets/projections`, so that any notebook can start from any chapter. Each `stageN/` holds
+`projection.safetensors` (the trained `llama_proj`, values per stage: {counts}),
+`checkpoint.safetensors` (the same tensors with the AdamW state, the random states and the
+training history, for resuming) and `config.json`. From `metrics.json` ({m['n_eval']}
+held-out scenes, seed {m['seed']}, {m.get('device', 'cpu')}; trained in {s['stage1']:.0f} s +
+{s['stage2']:.0f} s, {s['total']:.0f} s with the evaluation):
+- stage 1 only: {figures(m['stage1'])};
+- stage 1 + stage 2: {figures(m['stage2'])}."""
+
+
+def render_model_card(folder: str | Path, report: dict | None = None) -> str:
+    """The text of `folder/README.md`: how each asset was built, its measured figures, and every
+    shipped file with its size and sha256. Reads `folder/build_report.json` unless `report` is
+    given, and the shipped files themselves; nothing is rebuilt or re-measured."""
+    folder = Path(folder)
+    if report is None:
+        report = json.loads((folder / "build_report.json").read_text())
     b, llm, vq = report["build_config"], report["llm"], report["vision_qformer"]
-    files = "\n".join(f"| `{name}` | `{digest}` |" for name, digest in report["sha256"].items())
-    text = f"""# assets/: the tiny pretrained, frozen backbones of ToyWorld
+    llm_cfg = json.loads((folder / "llm" / "config.json").read_text())
+    vq_cfg = json.loads((folder / "vision_qformer" / "config.json").read_text())
+    llm_params = safetensors_params(folder / "llm" / "model.safetensors")
+    vq_params = safetensors_params(folder / "vision_qformer" / "model.safetensors")
+    n_queries = vq_cfg["num_query_tokens"]
+    time_note = _recorded(report.get("time_note"), "Note recorded with this build")
+    plain_note = _recorded(report.get("plain_note"), "Recorded by hand when this LLM replaced "
+                           "the previous one, not re-measured by a rebuild")
+    files = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | {p.stat().st_size:,} | "
+                      f"`{sha256(p)}` |" for p in shipped_files(folder))
+    return _reflow(f"""# assets/: the tiny pretrained, frozen backbones of ToyWorld
 
 Built by `python -m minigpt4_lite build-assets --out assets` (`minigpt4_lite/build_assets.py`),
 deterministic for seed {b['seed']}; measured build time {_build_time(report)} on
-{report.get('machine', 'this machine')} ({_seconds(report)}).{_time_note(report)}
-Everything here is loaded by `preset("tiny")` offline.
+{report.get('machine', 'this machine')} ({_seconds(report)}).{time_note}
+
+Everything here is loaded by `preset("tiny")` offline. This card is rendered from
+`build_report.json`, the configs and the files themselves (`build_assets.write_model_card`).
 
 ## `llm/`: the tiny "Vicuna" (a `LlamaForCausalLM` + a byte-level BPE fast tokenizer)
-- {llm['params']:,} parameters: {b['llm_layers']} layers x {b['llm_hidden']} wide,
-  {b['llm_heads']} heads, MLP {b['llm_mlp']}, vocabulary {report.get('vocab', 'see tokenizer')}.
+- {llm_params:,} parameters (counted in `llm/model.safetensors`): {llm_cfg['num_hidden_layers']}
+  layers x {llm_cfg['hidden_size']} wide, {llm_cfg['num_attention_heads']} heads, MLP
+  {llm_cfg['intermediate_size']}, vocabulary {llm_cfg['vocab_size']}, context
+  {llm_cfg['max_position_embeddings']} (`llm/config.json`).
 - Pretrained on text only, {b['llm_steps']} steps x {b['llm_batch']} sequences, AdamW
   (peak lr {b['llm_lr']}, warmup + cosine), bf16 autocast{_fast_note(b)}: ToyWorld captions, and
   `###Human: ... ###Assistant: ...` dialogues (stage-2 template and the chat template) in every
@@ -929,44 +1056,84 @@ Everything here is loaded by `preset("tiny")` offline.
   {', '.join(map(str, b.get('form_weights', FORM_WEIGHTS)))}. Shares of the registers (detailed
   description, Q&A, poem, story, caption) where a form draws one:
   {', '.join(map(str, b.get('kind_weights', PLAIN['kind_weights'])))}.{_slot_caption_note(b)}
-- Why the help: a prototype found that an LLM this small, pretrained on words only, could not be
-  taught to read arbitrary soft tokens through one linear layer (object recall 0.02-0.07, although
-  the visual features held the scene). Vicuna-13B can read such tokens, and BLIP-2's Q-Former had
-  already been trained to talk to a frozen LLM; our tiny LLM gets the equivalent skill from the slot
-  vectors. It never saw a pixel: the projection must still learn to map what the Q-Former sees
-  onto what the LLM can read. Scale buys this skill for free; at 3.6 M parameters it must be taught.
+- *Why the slot vectors (commentary; the prototype's figure is recorded, not re-measured):*
+  {PROTOTYPE_NOTE} Scale buys this skill for free; at {llm_params / 1e6:.1f} M parameters it
+  must be taught.
 - Held-out perplexity (ToyWorld text, the single-turn forms): **{llm['heldout_perplexity']:.3f}**.
-- Colour questions on held-out scenes, greedy: **{llm['colour_qa_accuracy_words']:.1%}** correct
+{_scoring_note(llm)}- Colour questions on held-out scenes, greedy:
+  **{llm['colour_qa_accuracy_words']:.1%}** correct
   with the scene in words, **{llm['colour_qa_accuracy_slots']:.1%}** with exact slot vectors.
 - The demo's questions (one per held-out scene, cycling colour / count / position / existence),
   greedy, with exact slot vectors: {_by_kind(llm.get('qa_accuracy_slots', {}))}; with the scene
-  in words: {_by_kind(llm.get('qa_accuracy_words', {}))}.{_plain_note(report)}
+  in words: {_by_kind(llm.get('qa_accuracy_words', {}))}.{plain_note}
 
 ## `vision_qformer/`: the tiny "BLIP-2" ViT + Q-Former (HF BLIP-2 layout)
-- {vq['params']:,} parameters. ViT: 60x60 images, patch 10 (36 patches + CLS), width 128,
-  4 layers, 4 heads; then `ln_vision`. Q-Former: width 128, 4 layers, cross-attention in layers
-  0 and 2, 10 learned queries.
+- {vq_params:,} parameters (counted in `vision_qformer/model.safetensors`).
+  {_vision_architecture(vq_cfg)} (`vision_qformer/config.json`).
 - Pretrained for {b['vision_steps']} steps x {b['vision_batch']} rendered scenes (bf16 autocast,
   {b.get('vision_attention', 'sdpa')} attention) with a grounded
-  representation objective in the spirit of BLIP-2's first stage: query i (i < 9) must predict grid
-  cell i's shape, colour and size (or "empty") and query 9 the background, through linear heads
-  shared by the queries and then discarded.{_words_note(b, report)}
+  representation objective in the spirit of BLIP-2's first stage: query i (i < {n_queries - 1})
+  must predict grid cell i's shape, colour and size (or "empty") and query {n_queries - 1} the
+  background, through linear heads shared by the queries and then discarded.{_words_note(b, report)}
 - Linear probes on the frozen query outputs, held-out scenes: shape accuracy
   **{vq['shape_accuracy']:.4f}**, colour accuracy **{vq['colour_accuracy']:.4f}**, position
   (object present exactly where it is) **{vq['position_accuracy']:.4f}**{_cell_probe(vq)}.
 
 ## `samples/`
-Held-out ToyWorld scenes rendered at 240 px, with their ground truth in `ground_truth.json`.
+{_samples_section(folder)}
 
 ## `projections/`
-The reference projections trained by `python -m minigpt4_lite demo --out assets/projections`
-(stage 1 and stage 2, with `metrics.json`), so that any notebook can start from any chapter.
+{_projections_section(folder)}
 
-## Files (sha256)
-| file | sha256 |
-|---|---|
+## Files
+Every shipped file (this card aside) with its size in bytes and its sha256, computed from the
+files when the card was rendered.
+
+| file | bytes | sha256 |
+|---|---|---|
 {files}
-"""
-    path = out / "README.md"
-    path.write_text(text)
+""")
+
+
+def _cell_probe(vq: dict) -> str:
+    return (f", the cell a query stands for (from that query alone) **{vq['cell_accuracy']:.4f}**"
+            if "cell_accuracy" in vq else "")
+
+
+def _reflow(text: str, width: int = 100) -> str:
+    """Re-wrap the card's paragraphs and bullets to `width` columns (tables and headings kept)."""
+    out, item, indent = [], [], ""
+
+    def flush() -> None:
+        if item:
+            out.append(textwrap.fill(" ".join(item), width, initial_indent=indent[:-2] + (
+                "- " if indent else ""), subsequent_indent=indent, break_long_words=False,
+                break_on_hyphens=False))
+            item.clear()
+
+    for line in text.split("\n"):
+        if not line.strip() or line.startswith(("|", "#")):
+            flush()
+            out.append(line)
+        elif line.startswith("- "):
+            flush()
+            indent = "  "
+            item.append(line[2:].strip())
+        else:
+            if not item:
+                indent = ""
+            item.append(line.strip())
+    flush()
+    return "\n".join(out)
+
+
+def write_model_card(folder: str | Path, report: dict | None = None) -> Path:
+    """(Re-)write `folder/README.md` from `folder/build_report.json` (or `report`) and the files.
+
+    The build calls it at its end; after retraining `projections/` (or any change to the files),
+    re-render the card without rebuilding: `python -m minigpt4_lite build-assets --out assets
+    --card-only`.
+    """
+    path = Path(folder) / "README.md"
+    path.write_text(render_model_card(folder, report))
     return path

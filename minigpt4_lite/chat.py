@@ -1,7 +1,12 @@
-"""Conversations and chatting with MiniGPT-4 (paper Sec. 4; REFERENCE.md "Chat").
+"""Conversations and chatting with MiniGPT-4 (paper Sec. 4; docs/official.md, "Chat").
 
 `Conversation` reproduces the official `CONV_VISION` template: a system prompt, roles `Human` and
 `Assistant`, separator `###`. Its prompt is `system###Human: msg###Assistant: msg###...Assistant:`.
+
+Two kinds of text enter that template. A user's question is `sanitize`d before it is stored (it
+must not open a turn or add an image slot). The model's answer is returned and stored exactly as
+generated, newlines and all, as the official demo does; only its copy *inside the prompt* of the
+next turns passes through `protect`, which defuses the template's markers and changes nothing else.
 """
 
 from __future__ import annotations
@@ -40,11 +45,23 @@ class Conversation:
         self.messages.append([role, text])
 
     def prompt(self) -> str:
-        """The prompt string: `system###Role: text###...Assistant:` (a `None` turn ends it)."""
+        """The prompt string: `system###Role: text###...Assistant:` (a `None` turn ends it).
+
+        Answers (`roles[1]`) go in through `protect`: an answer that happens to contain `#`,
+        `<ImageHere>` or `Human:` cannot change the separator, the image slots or the turns.
+        """
         out = self.system + self.sep
         for role, text in self.messages:
-            out += f"{role}: {text}{self.sep}" if text is not None else f"{role}:"
+            if text is None:
+                out += f"{role}:"
+            else:
+                out += f"{role}: {protect(text) if role == self.roles[1] else text}{self.sep}"
         return out
+
+    def image_slots(self, i: int) -> int:
+        """How many `<ImageHere>` slots message `i` puts into the prompt (answers put none)."""
+        role, text = self.messages[i]
+        return text.count(IMAGE_PLACEHOLDER) if role == self.roles[0] and text else 0
 
     def copy(self) -> "Conversation":
         return copy.deepcopy(self)
@@ -56,7 +73,7 @@ CONV_VISION = Conversation()
 # --- generation: shared by chat, evaluation and curation -----------------------------------------
 @dataclass
 class GenerationSettings:
-    """Generation options; defaults are the official demo's (REFERENCE.md "Chat")."""
+    """Generation options; defaults are the official demo's (docs/official.md, "Chat")."""
 
     max_new_tokens: int = 300
     num_beams: int = 1
@@ -107,7 +124,7 @@ def use_static_cache(settings: GenerationSettings, device: str, quantized: bool 
 class StopOnSequences:
     """A transformers `StoppingCriteria`: each row stops on its own when it ends with a stop.
 
-    The official code checked only row 0 of a batch (REFERENCE.md); this returns one bool per row.
+    The official code checked only row 0 of a batch (docs/official.md); this gives one per row.
     """
 
     def __init__(self, stop_ids: list[list[int]]):
@@ -135,7 +152,8 @@ def stop_token_variants(tokenizer, stop: str) -> list[list[int]]:
 
 @dataclass
 class Generation:
-    """A generated answer: `text` (cut at the stop), whether it `stopped`, and token count."""
+    """A generated answer: `text` (cut at the stop, as generated), whether it `stopped`, and
+    token count."""
 
     text: str
     stopped: bool
@@ -174,7 +192,7 @@ def generate(model, prompts: list[str | None], image_embeds: torch.Tensor,
     else:
         out = model.llm.generate(**kwargs)
     results = []
-    for row in out:
+    for row in out:  # as official: decode, cut at the stop, keep what follows "Assistant:", strip
         text = tok.decode(row, skip_special_tokens=True)
         stopped = stop in text or (tok.eos_token_id in row.tolist())
         text = text.split(stop)[0]
@@ -191,6 +209,7 @@ class ChatInputError(MiniGPT4Error, ValueError):
 _TAG = re.compile(r"<\s*/?\s*[A-Za-z_|][\w|.-]*\s*>")  # <Img>, </Img>, <ImageHere>, <s>, </s>
 _ROLE = re.compile(r"(human|assistant)\s*:", re.IGNORECASE)
 _SPACE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # control, format, ..., line breaks
+_HELD_BACK = re.compile(r"[\s#]+\Z")  # a streamed piece's end that may yet be the stop or stripped
 
 
 def sanitize(text: str) -> str:
@@ -203,12 +222,29 @@ def sanitize(text: str) -> str:
     - role markers lose their colon (`Human:` -> `Human`), so text cannot open a new turn;
     - whitespace is collapsed. Repeated until nothing changes.
     Escaping would keep these characters for the LLM to read, but a tiny LLM never saw them.
+    (For the model's own answers see `protect`, which keeps their newlines.)
     """
     previous = None
     while text != previous:
         previous = text
         text = "".join(" " if unicodedata.category(c) in _SPACE else c for c in text)
-        text = " ".join(_ROLE.sub(r"\1", _TAG.sub(" ", text.replace("#", " "))).split())
+        text = " ".join(protect(text).split())
+    return text
+
+
+def protect(text: str) -> str:
+    """A generated answer made safe to put back into the prompt, with nothing else changed.
+
+    The template's markers are defused as in `sanitize`: every `#` becomes a space (an answer
+    ending in `#` would otherwise merge with the `###` after it), tag-like tokens (`<ImageHere>`,
+    `<Img>`, `</s>`...) become spaces, and `Human:` / `Assistant:` lose their colon. Newlines,
+    list markers and all other characters stay, as the official demo keeps the raw answer.
+    Repeated until nothing changes.
+    """
+    previous = None
+    while text != previous:
+        previous = text
+        text = _ROLE.sub(r"\1", _TAG.sub(" ", text.replace("#", " ")))
     return text
 
 
@@ -218,7 +254,8 @@ class Chat:
     `upload(image)` adds the Human message `<Img><ImageHere></Img>` and stores the image's visual
     tokens; `ask(text)` adds a question (after a space, in the same message, right after an
     upload); `answer()` generates from `conv.prompt()` with the `Assistant:` turn open, cut at
-    `###`. When the prompt + `max_new_tokens` would exceed `settings.max_length` or the LLM's
+    `###`, and returns and stores the answer as generated (see `protect` for its prompt copy).
+    When the prompt + `max_new_tokens` would exceed `settings.max_length` or the LLM's
     `max_position_embeddings`, the oldest context is cut (see `_fit`) and a sentence is added to
     `notices` and logged as a warning: the chat never crashes on a long conversation.
     """
@@ -260,25 +297,32 @@ class Chat:
             self.conv.append(self.conv.roles[0], text)
 
     def answer(self, settings: GenerationSettings | None = None, streamer=None) -> str:
-        """Generate the Assistant's reply to the conversation so far; it is stored in `conv`."""
+        """Generate the Assistant's reply to the conversation so far; it is stored in `conv`.
+
+        The reply is returned as generated (cut at `###`, stripped): a list keeps its lines.
+        """
         if not self.conv.messages or self.conv.messages[-1][0] != self.conv.roles[0]:
             raise ChatInputError("Nothing to answer: ask a question or upload an image first.")
+        before = (copy.deepcopy(self.conv.messages), list(self.images), len(self.notices))
         self.conv.append(self.conv.roles[1], None)
         try:
             settings = self._fit(settings or self.settings)
             out = generate(self.model, [self.conv.prompt()], self._image_embeds(), settings,
                            streamer=streamer)[0]
-        except BaseException:
-            self.conv.messages.pop()  # close the open turn: the chat stays usable
+        except BaseException:  # undo the open turn and any context cut: the chat stays usable
+            self.conv.messages, self.images, n_notices = before
+            del self.notices[n_notices:]
             raise
-        self.conv.messages[-1][1] = sanitize(out.text)  # an answer cannot add slots or turns
-        return self.conv.messages[-1][1]
+        self.conv.messages[-1][1] = out.text  # raw, as official; `prompt()` protects its copy
+        return out.text
 
     def stream(self, text: str | None = None, settings: GenerationSettings | None = None):
         """Ask `text` (if given) and yield the answer in pieces as they are generated.
 
         transformers' `TextIteratorStreamer` is fed by `generate` in a thread; pieces stop before
-        `###`. Beam search cannot stream: it yields the whole answer at once. Errors are re-raised.
+        `###`. Trailing spaces, newlines and `#` are held back until more text follows them, so
+        that the pieces join to the answer that `answer()` returns (and stores). Beam search cannot
+        stream: it yields the whole answer at once. Errors are re-raised.
         """
         from transformers import TextIteratorStreamer
 
@@ -304,7 +348,7 @@ class Chat:
         so_far, shown = "", ""
         for piece in streamer:
             so_far += piece
-            visible = so_far.split(self.conv.sep)[0].rstrip("#").lstrip()
+            visible = _HELD_BACK.sub("", so_far.split(self.conv.sep)[0]).lstrip()
             if len(visible) > len(shown):
                 yield visible[len(shown):]
                 shown = visible
@@ -325,7 +369,7 @@ class Chat:
 
     def _drop(self, i: int) -> None:
         """Delete message `i` and the visual tokens of its images."""
-        counts = [text.count(IMAGE_PLACEHOLDER) for _, text in self.conv.messages[:i + 1]]
+        counts = [self.conv.image_slots(j) for j in range(i + 1)]
         start = sum(counts[:-1])
         del self.images[start:start + counts[-1]], self.conv.messages[i]
 
@@ -334,7 +378,7 @@ class Chat:
         self.notices.append(text)
 
     def _fit(self, settings: GenerationSettings) -> GenerationSettings:
-        """Cut the oldest context until prompt + `max_new_tokens` fits (REFERENCE.md "Chat").
+        """Cut the oldest context until prompt + `max_new_tokens` fits (docs/official.md).
 
         Order: old exchanges (an old image message stays, bare); `max_new_tokens` down to half
         the context; the start of the current question (down to 64 tokens); old images; the rest
@@ -367,7 +411,7 @@ class Chat:
         msgs = self.conv.messages
         i, n_cut, current = 0, 0, len(msgs) - 2  # [..., question, open Assistant turn]
         while i < current and room() < 0:
-            if IMAGE_PLACEHOLDER in msgs[i][1] and not images:  # keep the image, drop its text
+            if self.conv.image_slots(i) and not images:  # keep the image, drop its text
                 n_cut += msgs[i][1] != IMAGE_MESSAGE
                 msgs[i][1], i = IMAGE_MESSAGE, i + 1
             else:
@@ -416,4 +460,4 @@ def answer_batch(model, images: list, question: str,
     chat.conv.append(chat.conv.roles[1], None)
     settings = chat._fit(chat.settings)
     outs = generate(model, [chat.conv.prompt()] * len(images), embeds, settings)
-    return [sanitize(o.text) for o in outs]
+    return [o.text for o in outs]  # as generated, as `Chat.answer` returns them

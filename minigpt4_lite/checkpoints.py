@@ -20,7 +20,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import MiniGPT4Config, QFormerConfig, VisionConfig
+from .config import (
+    DTYPES,
+    OFFICIAL_PROJECTIONS,
+    MiniGPT4Config,
+    QFormerConfig,
+    VisionConfig,
+)
 from .errors import CheckpointError, ConfigError
 from .model import MiniGPT4
 from .qformer import hf_qformer_keys
@@ -34,17 +40,58 @@ PROJECTION_FILE = "projection.safetensors"
 
 # --- finding files (local folder first, then the hub) ------------------------------------------
 def resolve_file(source: str, filename: str) -> Path | None:
-    """`source/filename` for a local folder, else the hub file of repo `source` (None if absent)."""
+    """`source/filename` for a local folder, else the file `filename` of hub repository `source`.
+
+    Returns None only when the file is really absent: a local folder without it, or a hub
+    repository that answers "no such file". Anything else that stops the download (no network or
+    offline mode with the file not cached, a private or gated repository, an id that is neither a
+    folder nor a repository) is a `CheckpointError` that says what failed.
+    """
     local = Path(source).expanduser()
     if local.is_dir():
         path = local / filename
         return path if path.exists() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    where = f"{source}/{filename}"
     try:
-        from huggingface_hub import hf_hub_download
         return Path(hf_hub_download(source, filename))
-    except Exception as e:  # offline, no such repo or file: the caller decides what is missing
-        log.debug("hub lookup of %s/%s failed: %s", source, filename, e)
+    except LocalEntryNotFoundError as e:  # offline or no network, and not in the local cache
+        raise CheckpointError(
+            f"Cannot download {where}: the hub cannot be reached from here ({_first_line(e)}) "
+            "and the file is not in the local cache. Go online (unset HF_HUB_OFFLINE), or "
+            "download the files elsewhere and pass their local folder.") from e
+    except EntryNotFoundError:  # the repository exists and has no such file
         return None
+    except GatedRepoError as e:
+        raise CheckpointError(
+            f"{source!r} is a gated hub repository: accept its conditions on "
+            f"https://huggingface.co/{source} and log in (`hf auth login`, or set HF_TOKEN) "
+            f"({_first_line(e)}).") from e
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(
+            f"{source!r} is neither a folder on this machine nor a hub repository you can "
+            "access: check the path or id, and log in for a private one (`hf auth login`, or "
+            f"set HF_TOKEN) ({_first_line(e)}).") from e
+    except HFValidationError as e:
+        raise CheckpointError(f"{source!r} is neither a folder on this machine nor a valid hub "
+                              f"id ({_first_line(e)}).") from e
+    except (OSError, ValueError) as e:  # any other HTTP error, a full disk...
+        raise CheckpointError(f"Downloading {where} failed: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, with that of its cause (hub errors wrap the
+    network error that made them)."""
+    lines = [str(x).strip().splitlines()[0] for x in (e, e.__cause__) if x and str(x).strip()]
+    return "; ".join(lines) or type(e).__name__
 
 
 def _visual_shards(source: str) -> list[Path]:
@@ -58,13 +105,17 @@ def _visual_shards(source: str) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted({f for k, f in weight_map.items() if k.startswith(VISUAL_PREFIXES)})
         files = [resolve_file(source, n) for n in names]
-        if all(files):
-            return files
+        missing = [n for n, f in zip(names, files) if f is None]
+        if missing:
+            raise CheckpointError(f"{source!r}: {missing[0]} is missing, but its "
+                                  "model.safetensors.index.json lists it for the visual tensors.")
+        return files
     single = resolve_file(source, "model.safetensors")
     if single is None:
         raise CheckpointError(
-            f"No BLIP-2 safetensors found in {source!r}: expected model.safetensors or "
-            "model.safetensors.index.json (a local folder, or a hub id reachable from here).")
+            f"No BLIP-2 safetensors in {source!r}: it has neither model.safetensors nor "
+            "model.safetensors.index.json (an HF BLIP-2 checkpoint such as "
+            "Salesforce/blip2-flan-t5-xxl has them).")
     return [single]
 
 
@@ -132,7 +183,7 @@ def visual_configs_from_hf(source: str) -> tuple[VisionConfig, QFormerConfig] | 
 def load_blip2_visual(model: MiniGPT4, source: str) -> None:
     """Load ViT + ln_vision + Q-Former + query tokens from an HF BLIP-2 checkpoint (folder or id).
 
-    Reads only `vision_model.*`, `qformer.*` and `query_tokens` (REFERENCE.md "Architecture").
+    Reads only `vision_model.*`, `qformer.*` and `query_tokens` (docs/official.md).
     """
     tensors = read_tensors(_visual_shards(source), VISUAL_PREFIXES)
     vit_map = hf_vision_keys(model.cfg.vision)
@@ -147,6 +198,17 @@ def load_blip2_visual(model: MiniGPT4, source: str) -> None:
 
 
 # --- the LLM ------------------------------------------------------------------------------------
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The LLM's dtype: `auto` is float16 on CUDA (the official code's choice) and float32
+    elsewhere (a CPU computes float16 slowly and rounds it differently at every layer, so a
+    float16 answer drifts from the float32 one within a few tokens)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if dtype == "auto":
+        return "float16" if str(device).startswith("cuda") else "float32"
+    return dtype
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     try:
         return {"float32": torch.float32, "float16": torch.float16,
@@ -174,20 +236,60 @@ def quantization_config(quantization: str, device: str, dtype: str):
                               bnb_4bit_compute_dtype=compute)
 
 
+def _load_tokenizer(source: str):
+    """`AutoTokenizer.from_pretrained`, with the one missing piece a Vicuna v0 folder needs named.
+
+    The merged Vicuna v0 folders ship a SentencePiece `tokenizer.model` and no `tokenizer.json`:
+    transformers converts it, which needs the `sentencepiece` and `protobuf` packages.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise CheckpointError(f"Cannot load the tokenizer of {source!r}: "
+                              f"{str(e).splitlines()[0]}") from e
+    except (ImportError, ValueError) as e:
+        if not _installed("sentencepiece") or not _installed("google.protobuf"):
+            raise ConfigError(
+                f"Cannot read the tokenizer of {source!r}: converting a SentencePiece "
+                "tokenizer.model (the Vicuna v0 folders have one, and no tokenizer.json) needs "
+                "two more packages: pip install sentencepiece protobuf.") from e
+        raise CheckpointError(f"Cannot load the tokenizer of {source!r}: "
+                              f"{str(e).splitlines()[0]}") from e
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def load_llm(source: str, *, quantization: str = "none", dtype: str = "float32",
              device: str = "cpu"):
-    """Any transformers causal LM + its tokenizer, optionally 8/4-bit (bitsandbytes)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Any transformers causal LM + its tokenizer, optionally 8/4-bit (bitsandbytes).
+
+    `dtype` is float32, float16, bfloat16 or `auto` (see `resolve_dtype`).
+    """
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    dtype = resolve_dtype(dtype, device)
+    if dtype == "float16" and not str(device).startswith("cuda") and quantization == "none":
+        log.warning("float16 on %s is slow and its answers drift from float32's after a few "
+                    "tokens; --dtype auto (float32 there) is exact.", device)
+    log.info("Loading the LLM %s in %s on %s", source, dtype, device)
     qcfg = quantization_config(quantization, device, dtype)
     kwargs = {"dtype": _torch_dtype(dtype)}
     if qcfg is not None:
         kwargs.update(quantization_config=qcfg, device_map=device)
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    tokenizer = _load_tokenizer(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
         llm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise CheckpointError(f"Cannot load the LLM {source!r}: {str(e).splitlines()[0]}") from e
@@ -311,10 +413,15 @@ def load_model(cfg: MiniGPT4Config, *, device: str = "cpu", projection: str | No
                load_projection_weights: bool = True) -> MiniGPT4:
     """Build `MiniGPT4` with real weights: BLIP-2 visual parts, the LLM, and the projection.
 
-    `cfg.vision_qformer` and `cfg.llm` are local folders or hub ids. The projection comes from
-    `projection` (or `cfg.projection_checkpoint`); if that file does not exist the projection is
-    left untrained (randomly initialised) and a warning says so.
+    `cfg.vision_qformer` and `cfg.llm` are local folders or hub ids; the LLM is loaded in
+    `cfg.dtype` (`auto`: float16 on CUDA, float32 elsewhere; ViT and Q-Former stay float32). The
+    projection comes from `projection`, else `cfg.projection_checkpoint`. A named file that does
+    not exist is a `CheckpointError` (for a real preset it says where the official file is),
+    raised before anything large is loaded; `projection=""` asks for an untrained projection.
     """
+    source = projection if projection is not None else cfg.projection_checkpoint
+    if load_projection_weights and source and not Path(source).expanduser().exists():
+        raise CheckpointError(missing_projection_message(cfg, source))
     hf_arch = visual_configs_from_hf(cfg.vision_qformer) if cfg.vision_qformer else None
     if hf_arch is not None:
         cfg.vision, qformer = hf_arch
@@ -327,12 +434,21 @@ def load_model(cfg: MiniGPT4Config, *, device: str = "cpu", projection: str | No
     if model.qformer is not None:
         model.qformer.to(device)
     model.llama_proj.to(device)
-    source = projection if projection is not None else cfg.projection_checkpoint
     if load_projection_weights and source:
-        if Path(source).expanduser().exists():
-            load_projection(model, source)
-        elif projection is not None:
-            raise CheckpointError(f"Projection checkpoint {source} does not exist.")
-        else:
-            log.warning("Projection checkpoint %s not found: the projection is untrained.", source)
+        load_projection(model, source)
+    else:
+        log.info("llama_proj is left untrained (randomly initialised), as asked.")
     return model
+
+
+def missing_projection_message(cfg: MiniGPT4Config, source: str) -> str:
+    """What to do when the projection file is not there; for a real preset, where to get it."""
+    if cfg.name not in OFFICIAL_PROJECTIONS:
+        return (f"Projection checkpoint {source} does not exist: pass an existing folder or file "
+                "(CLI: --projection PATH; --projection none for an untrained projection).")
+    name, url = OFFICIAL_PROJECTIONS[cfg.name]
+    return (f"Projection checkpoint {source} does not exist. The {cfg.name} preset needs the "
+            f"official MiniGPT-4 projection {name}: download it from {url} (linked from the "
+            f"official README) and pass --projection /path/to/{name} (library: "
+            "load_model(cfg, projection=...)); --projection none (projection=\"\") chats through "
+            "an untrained, random projection instead.")

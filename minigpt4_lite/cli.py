@@ -31,16 +31,24 @@ def cmd_info(args) -> int:
 
 
 def _load(args, projection: str | None = None):
-    """The model of `--preset`, with `--vision-qformer`, `--llm`, `--projection` overrides."""
+    """The model of `--preset`, with `--vision-qformer`, `--llm`, `--dtype`, `--projection`.
+
+    `--projection none` asks for an untrained projection (`projection=""` in the library); without
+    `--projection`, the preset's checkpoint must exist (for a real preset the error says where the
+    official file is).
+    """
     from .checkpoints import load_model
     from .config import preset
 
     overrides = {k: v for k, v in (("vision_qformer", getattr(args, "vision_qformer", None)),
                                    ("llm", getattr(args, "llm", None)),
-                                   ("quantization", getattr(args, "quantization", None)))
+                                   ("quantization", getattr(args, "quantization", None)),
+                                   ("dtype", getattr(args, "dtype", None)))
                  if v}
     cfg = preset(args.preset, **overrides)
     device = getattr(args, "device", None) or ("cuda" if _cuda() else "cpu")
+    if projection is not None and projection.lower() == "none":
+        projection = ""
     return load_model(cfg, device=device, projection=projection)
 
 
@@ -56,6 +64,8 @@ def cmd_demo(args) -> int:
     metrics = run_demo(args.out, n_eval=args.n_eval, seed=args.seed)
     print(metrics["table"])
     print(f"\nseconds: {json.dumps(metrics['seconds'])}")
+    for target, met in metrics["targets"].items():
+        print(f"target {target}: {'met' if met else 'MISSED'}")
     print(f"metrics written to {args.out}/metrics.json")
     return 0
 
@@ -184,8 +194,11 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_build_assets(args) -> int:
-    from .build_assets import PLAIN, PREVIOUS, BuildConfig, build
+    from .build_assets import PLAIN, PREVIOUS, BuildConfig, build, write_model_card
 
+    if args.card_only:  # re-render the model card from the files, e.g. after retraining
+        print(f"model card written to {write_model_card(args.out)}")
+        return 0
     cfg = BuildConfig(device=args.device, steps_scale=args.steps_scale, seed=args.seed,
                       **(PLAIN if args.plain else PREVIOUS if args.previous else {}))
     report = build(args.out, cfg, parts=tuple(args.parts.split(",")))
@@ -239,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate on held-out ToyWorld scenes (Table-3 metrics)")
     _model_options(p)
-    p.add_argument("--projection", help="projection folder/file (default: the preset's)")
+    p.add_argument("--projection", help="projection folder/file (default: the preset's); "
+                   "'none': untrained")
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--registers", default="caption,detailed,poem,qa",
                    help="comma-separated: caption, detailed, poem, qa")
@@ -251,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="the image to talk about (a file path)")
     p.add_argument("--prompt", help="ask this, print the answer and exit (default: read stdin)")
     p.add_argument("--projection", help="our projection folder/file or an official .pth "
-                   "(default: the preset's)")
+                   "(default: the preset's); 'none': an untrained projection, on purpose")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (deterministic)")
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--num-beams", type=int, default=1)
@@ -292,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default="llm,vision",
                    help="what to rebuild: llm, vision or both (the rest is read from --out)")
+    p.add_argument("--card-only", action="store_true",
+                   help="build nothing: re-render OUT/README.md (the model card) from "
+                        "OUT/build_report.json and the files, e.g. after retraining projections/")
     which = p.add_mutually_exclusive_group()  # the build recipe
     which.add_argument("--plain", action="store_true",
                         help="the earlier, slower recipe: random batches, no torch.compile, no "
@@ -305,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_options(p) -> None:
-    from .config import PRESETS
+    from .config import DTYPES, PRESETS
 
     p.add_argument("--preset", default="tiny", choices=PRESETS)
     p.add_argument("--vision-qformer", help="HF BLIP-2 checkpoint (hub id or folder)")
@@ -313,6 +330,9 @@ def _model_options(p) -> None:
     p.add_argument("--quantization", choices=("none", "8bit", "4bit"),
                    help="load the LLM in 8/4-bit with bitsandbytes")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="the LLM's dtype (default: the preset's; the real presets' 'auto' is "
+                        "float16 on CUDA, as the official code, and float32 on a CPU)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 A config is a plain dataclass: no YAML, no registry. It is saved as JSON next to the weights with a
 `version` field; loading ignores unknown keys with a warning so that old folders keep loading.
 The real presets store the architecture numbers of EVA-CLIP ViT-g, the BLIP-2 Q-Former and
-Vicuna (REFERENCE.md "Architecture"), so that `info` can build them on the meta device.
+Vicuna (docs/official.md, "Architecture"), so that `info` can build them on the meta device.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # the LLM's; "auto" depends on the device
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -72,13 +73,16 @@ class MiniGPT4Config:
     projection: str = "linear"  # "linear" (MiniGPT-4) or "mlp" (3 layers)
     use_qformer: bool = True  # False: project ViT tokens directly, 4 adjacent tokens concatenated
     freeze_qformer: bool = True
-    # Sequence building (REFERENCE.md "Sequence layout and loss").
-    max_txt_len: int = 32
-    end_sym: str = "\n"
     # How to load the LLM: "none" (bf16/fp16/fp32 as `dtype`), "8bit" or "4bit" (bitsandbytes).
     quantization: str = "none"
+    # The LLM's dtype: float32, float16, bfloat16, or "auto" (float16 on CUDA, as the official
+    # code; float32 on a CPU, where float16 is slow and drifts from float32 within a few tokens).
     dtype: str = "float32"
     version: int = CONFIG_VERSION
+
+    # Keys that older saved configs hold and this version reads elsewhere: `end_sym` and
+    # `max_txt_len` depend on the training stage (`model.END_SYM`, `model.MAX_TXT_LEN`).
+    LEGACY_KEYS = ("end_sym", "max_txt_len")
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -91,6 +95,8 @@ class MiniGPT4Config:
             raise ConfigError(
                 f"quantization must be 'none', '8bit' or '4bit', got {self.quantization!r}."
             )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
 
     @property
     def num_visual_tokens(self) -> int:
@@ -103,7 +109,13 @@ class MiniGPT4Config:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the config as JSON; files inside `assets/` are named relative to it, so that a
+        saved config means the same in any clone (`{assets}/llm`, not this machine's path)."""
+        data = self.to_dict()
+        for key in PATH_FIELDS:
+            if data[key].startswith(str(ASSETS)):
+                data[key] = ASSETS_MARK + data[key][len(str(ASSETS)):]
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "MiniGPT4Config":
@@ -111,13 +123,20 @@ class MiniGPT4Config:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"Cannot read the config {path}: {e}.") from e
+        for key in PATH_FIELDS:
+            if isinstance(data.get(key), str) and data[key].startswith(ASSETS_MARK):
+                data[key] = str(ASSETS) + data[key][len(ASSETS_MARK):]
         return _from_dict(cls, data)
+
+
+PATH_FIELDS = ("llm", "vision_qformer", "projection_checkpoint")
+ASSETS_MARK = "{assets}"  # stands for this package's assets/ folder in saved configs
 
 
 def _from_dict(cls, data: dict):
     """Build a dataclass from a dict, ignoring (with a warning) keys this version does not know."""
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known - set(getattr(cls, "LEGACY_KEYS", ())))
     if unknown:
         log.warning("Ignoring unknown %s keys: %s", cls.__name__, ", ".join(unknown))
     return cls(**{k: v for k, v in data.items() if k in known})
@@ -141,12 +160,29 @@ TINY_QFORMER = QFormerConfig(hidden=128, layers=4, heads=4, mlp=512, num_query_t
                              layer_norm_eps=1e-12)
 
 
+# Where the weights of the real presets come from.
+# Vicuna v0 was published by LMSYS only as a delta over LLaMA; the official MiniGPT-4 README points
+# to merged v0 weights on the hub, `Vision-CAIR/vicuna-7b` and `Vision-CAIR/vicuna` (13B), HF
+# LLaMA folders (config, sharded pytorch_model-*.bin with their index, a SentencePiece
+# tokenizer.model). The projection checkpoints are Google Drive downloads linked from that README
+# (the 7B file name has the typo "prerained" upstream).
+OFFICIAL_LLMS = {"minigpt4-7b": "Vision-CAIR/vicuna-7b", "minigpt4-13b": "Vision-CAIR/vicuna"}
+OFFICIAL_PROJECTIONS = {
+    "minigpt4-7b": ("prerained_minigpt4_7b.pth",
+                    "https://drive.google.com/file/d/1RY9jV0dyqLX-o38LrumkKRh6Jtaop58R/view"),
+    "minigpt4-13b": ("pretrained_minigpt4.pth",
+                     "https://drive.google.com/file/d/1a4zLvaiDBr-36pasffmgpvH5P7CKmpze/view"),
+}
+
+
 def preset(name: str, **overrides) -> MiniGPT4Config:
     """The named configuration, with any field overridden by keyword.
 
     - `tiny`: the embedded ToyWorld default in `assets/` (works offline on a CPU).
-    - `minigpt4-7b` / `minigpt4-13b`: BLIP-2 (FlanT5-XXL) ViT-g + Q-Former, Vicuna v0 7B/13B,
-      and the official projection checkpoints; any hub id can be replaced by a local path.
+    - `minigpt4-7b` / `minigpt4-13b`: BLIP-2 (FlanT5-XXL) ViT-g + Q-Former, merged Vicuna v0
+      7B/13B (`OFFICIAL_LLMS`) in `dtype="auto"`, and the official projection checkpoint
+      (`OFFICIAL_PROJECTIONS`, looked up in the working directory unless given); any hub id can
+      be replaced by a local path.
     """
     if name == "tiny":
         cfg = MiniGPT4Config(
@@ -159,11 +195,11 @@ def preset(name: str, **overrides) -> MiniGPT4Config:
         big = name == "minigpt4-13b"
         cfg = MiniGPT4Config(
             name=name,
-            llm="lmsys/vicuna-13b-v0" if big else "lmsys/vicuna-7b-v0",  # merged v0 weights
+            llm=OFFICIAL_LLMS[name],
             llm_arch=dict(VICUNA_13B if big else VICUNA_7B),
             vision_qformer="Salesforce/blip2-flan-t5-xxl",
-            projection_checkpoint="pretrained_minigpt4.pth" if big else "prerained_minigpt4_7b.pth",
-            dtype="float16",
+            projection_checkpoint=OFFICIAL_PROJECTIONS[name][0],
+            dtype="auto",
         )
     else:
         raise ConfigError(

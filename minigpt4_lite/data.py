@@ -41,7 +41,7 @@ class Sample:
 
 
 def stage2_prompt(instruction: str) -> str:
-    """The stage-2 template around one instruction (REFERENCE.md)."""
+    """The stage-2 template around one instruction (docs/official.md)."""
     return PROMPT_TEMPLATE.format(f"<Img>{IMAGE_PLACEHOLDER}</Img> {instruction}")
 
 

@@ -10,7 +10,8 @@ knows every object in every scene, so the same judgement becomes a measurement:
 - `failure_rate`: share of answers that fail as a detailed description: incomplete, repetitive
   (repetition_rate > 0.2), hallucinating any object, or omitting any object of the scene;
   for poems: incomplete, repetitive, hallucinating, or about none of the scene's objects;
-- `accuracy` of short Q&A answers (the expected key word present); `mean_words`.
+- `accuracy` of short Q&A answers, strictly scored (`answer_correct`: the first value of the asked
+  kind that the answer names must be the right one; a position is the exact cell); `mean_words`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def summarize(judgements: list[dict]) -> dict:
     }
 
 
+CELL_PHRASES = tuple(tw.cell_phrase(c) for c in range(tw.GRID * tw.GRID))
+# The values a short answer can name, per kind of question (shape and size: the other ToyWorld
+# questions). An answer is scored by the *first* value of the asked kind that it names.
+ANSWER_VALUES = {"colour": tw.COLOURS, "count": tw.NUMBER_WORDS, "position": CELL_PHRASES,
+                 "existence": ("yes", "no"), "shape": tw.SHAPES, "size": tw.SIZES}
+
+
 def qa_kind(key: str) -> str:
     """The kind of a ToyWorld question, read from its answer key."""
     if key in tw.COLOURS:
@@ -80,7 +88,7 @@ def qa_kind(key: str) -> str:
         return "count"
     if key in ("yes", "no"):
         return "existence"
-    if key in [tw.cell_phrase(c) for c in range(tw.GRID * tw.GRID)]:
+    if key in CELL_PHRASES:
         return "position"
     return "other"
 
@@ -110,9 +118,30 @@ def qa_items(scenes: list[tw.Scene], seed: int = 0) -> list[tuple[str, str, str]
     return items
 
 
+def named_value(answer: str, kind: str) -> str | None:
+    """The first value of `kind` that `answer` names, as whole words, or None.
+
+    Longer phrases win where several start at the same word, so "bottom center" is read as the
+    bottom-centre cell, never as "center" (a whole-word search for the key "center" would accept
+    "top center" and "bottom center" too). Taking the *first* value named means that an answer
+    listing several colours ("red or blue") counts as its first guess only.
+    """
+    values = sorted(ANSWER_VALUES[kind], key=len, reverse=True)  # longest first at each position
+    match = re.search(r"\b(" + "|".join(map(re.escape, values)) + r")\b", answer.lower())
+    return match.group(1) if match else None
+
+
 def answer_correct(answer: str, key: str) -> bool:
-    """The key word/phrase occurs as whole words ("no" is not inside "cannot")."""
-    return re.search(rf"\b{re.escape(key.lower())}\b", answer.lower()) is not None
+    """Strict scoring of a short answer: the first value of the key's kind it names is the key.
+
+    "It is in the bottom center." is wrong for the key "center"; "No, there is no red star." is
+    right for "no"; "I cannot see it." names no yes/no and is wrong for either.
+    """
+    key = key.lower()
+    kind = next((k for k, values in ANSWER_VALUES.items() if key in values), None)
+    if kind is None:  # not a ToyWorld answer key: the key as whole words anywhere
+        return re.search(rf"\b{re.escape(key)}\b", answer.lower()) is not None
+    return named_value(answer, kind) == key
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from .vision import VisionTransformer
 log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
-PROMPT_TEMPLATE = "###Human: {} ###Assistant: "  # stage 2 (REFERENCE.md)
+PROMPT_TEMPLATE = "###Human: {} ###Assistant: "  # stage 2 (docs/official.md)
 INSTRUCTIONS = (  # prompts/alignment.txt of the official code
     "<Img><ImageHere></Img> Describe this image in detail.",
     "<Img><ImageHere></Img> Take a look at this image and describe what you notice.",
@@ -34,6 +34,12 @@ INSTRUCTIONS = (  # prompts/alignment.txt of the official code
     "<Img><ImageHere></Img> Could you describe the contents of this image for me?",
 )
 IGNORE_INDEX = -100
+# How an answer ends and how many of its tokens are kept, per training stage (the official stage-1
+# and stage-2 configs): a stage-1 caption ends with a newline, a stage-2 answer with the "###"
+# separator of the conversation template. The one definition: `TrainConfig.end_sym` /
+# `.max_txt_len` read it, and `build_example` defaults to stage 1's.
+END_SYM = {1: "\n", 2: "###"}
+MAX_TXT_LEN = {1: 32, 2: 160}
 
 
 @dataclass
@@ -129,13 +135,14 @@ class MiniGPT4(nn.Module):
 
     def build_example(self, prompt: str | None, answer: str | None = None,
                       end_sym: str | None = None, max_txt_len: int | None = None) -> Example:
-        """Token layout of one sample (REFERENCE.md "Sequence layout and loss").
+        """Token layout of one sample (paper Sec. 3.1 and 3.2; the official sequence layout).
 
         - stage 1, `prompt=None`: `[BOS] [image] [answer + end_sym]`;
         - stage 2, `prompt="###Human: <Img><ImageHere></Img> ... ###Assistant: "`:
           `[BOS] [before] [image] [after] [answer + end_sym]`;
         - chat, `answer=None`: the prompt only, with one image slot per `<ImageHere>`.
-        The answer is truncated to `max_txt_len` tokens (after adding `end_sym`, as official).
+        The answer is truncated to `max_txt_len` tokens (after adding `end_sym`, as official);
+        both default to stage 1's (`END_SYM[1]`, `MAX_TXT_LEN[1]`): pass stage 2's for stage 2.
         Labels are -100 everywhere except on the answer tokens.
         """
         n_img = self.cfg.num_visual_tokens
@@ -147,8 +154,8 @@ class MiniGPT4(nn.Module):
             ids += self.text_ids(segment)
         labels = [IGNORE_INDEX] * len(ids)
         if answer is not None:
-            end_sym = self.cfg.end_sym if end_sym is None else end_sym
-            max_txt_len = self.cfg.max_txt_len if max_txt_len is None else max_txt_len
+            end_sym = END_SYM[1] if end_sym is None else end_sym
+            max_txt_len = MAX_TXT_LEN[1] if max_txt_len is None else max_txt_len
             target = self.text_ids(answer + end_sym)[:max_txt_len]
             ids += target
             labels += target

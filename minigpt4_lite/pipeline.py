@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +24,25 @@ from .evaluate import evaluate, scene_features, table3
 from .train import recipe, train
 
 log = logging.getLogger(__name__)
+
+
+# What the demo must show on a 2-core CPU (the paper's Table 3 in miniature): the stage-1 model
+# aligned (captions name the objects), and stage 2 at least halving the detailed failures.
+DEMO_TARGETS = {
+    "stage-1 caption recall >= 0.95": lambda m: m["stage1"]["caption"]["object_recall"] >= 0.95,
+    "stage-2 detailed recall >= 0.95": lambda m: m["stage2"]["detailed"]["object_recall"] >= 0.95,
+    "stage-2 hallucination <= 0.03":
+        lambda m: m["stage2"]["detailed"]["hallucination_rate"] <= 0.03,
+    "stage-2 failure <= 0.10": lambda m: m["stage2"]["detailed"]["failure_rate"] <= 0.10,
+    "stage-2 failure <= half of stage 1's": lambda m: (
+        m["stage2"]["detailed"]["failure_rate"] <= m["stage1"]["detailed"]["failure_rate"] / 2),
+    "total <= 300 s": lambda m: m["seconds"]["total"] <= 300,
+}
+
+
+def demo_targets(metrics: dict) -> dict[str, bool]:
+    """Which of `DEMO_TARGETS` a demo run's metrics meet."""
+    return {name: bool(check(metrics)) for name, check in DEMO_TARGETS.items()}
 
 
 def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
@@ -51,6 +72,7 @@ def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
         "device": device, "torch_threads": torch.get_num_threads(),
     }
     metrics["table"] = table3({"stage 1 only": stage1, "stage 1 + stage 2": stage2})
+    metrics["targets"] = demo_targets(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -105,7 +127,8 @@ def run_ablations(out: str | Path = "runs/ablations", n_eval: int = 100,
             {}, scenes, n_train, fraction, steps_scale, seed)
     if "linear (MiniGPT-4)" in rows:
         rows["stage-1 data 100%"] = rows["linear (MiniGPT-4)"]
-    report = {"rows": rows, "n_eval": n_eval, "steps_scale": steps_scale, "seed": seed}
+    report = {"rows": rows, "n_eval": n_eval, "steps_scale": steps_scale, "seed": seed,
+              "n_train": n_train}
     (out / "ablations.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "ablations.md").write_text(ablation_markdown(report))
     return report
@@ -158,83 +181,128 @@ def _verdict(row: dict, base: dict, tie: float) -> str:
     return "worse than" if not any(better) else "mixed against"
 
 
+# The paper's Table 5 verdicts against the linear projection, in `_verdict`'s words and numbers.
+PAPER_VERDICTS = {
+    "3-layer MLP": ("worse than", "worse on both (49.7 / 31.0 vs 58.2 / 32.2)"),
+    "no Q-Former": ("mixed against", "mixed (-1.3 on AOK-VQA, +1.2 on GQA)"),
+    "finetuned Q-Former": ("worse than", "worse on both (52.1 / 28.0 vs 58.2 / 32.2)"),
+}
+# Possible reasons for a row that came out *worse* than the linear one here. They are not
+# measured, so `ablation_discussion` prints them only for a worse (or mixed) row, and labelled.
+COMMENTARY_IF_WORSE = {
+    "3-layer MLP": "the extra layers are learnt from the same small data and steps as the "
+                   "linear one",
+    "no Q-Former": "the projection then reads 4 concatenated ViT patches per token and must "
+                   "rebuild from raw patches the one-slot-per-cell inputs our LLM was pretrained "
+                   "on; the paper's Vicuna had no such prior",
+    "finetuned Q-Former": "the Q-Former then trains at the projection's learning rate, which "
+                          "moves the features the rest was built on",
+}
+COMMENTARY = "*Commentary, not measured*"
+
+
+def _fraction_rows(rows: dict) -> list[tuple[float, dict]]:
+    """The `stage-1 data N%` rows as (fraction, row), smallest fraction first."""
+    return sorted((float(k.split()[-1].rstrip("%")) / 100, r)
+                  for k, r in rows.items() if k.startswith("stage-1 data"))
+
+
 def ablation_discussion(report: dict) -> list[str]:
     """Sentences comparing each ablation with the linear row, against the paper's direction.
 
-    Computed from the measured rows, with the context that may explain a difference: ToyWorld's
-    LLM was pretrained to read one slot vector per grid cell (assets/README.md).
+    Every figure and verdict is computed from the measured rows (paper Table 5 and Table 8 give
+    the paper's side). Explanations that are not measured are printed only where they fit the
+    measured verdict, and are marked as commentary.
     """
     rows, base_name = report["rows"], "linear (MiniGPT-4)"
     if base_name not in rows:
         return []
     base = rows[base_name]
     tie = 0.5 / max(1, report["n_eval"]) ** 0.5
-    context = {
-        "3-layer MLP": "it trains {ratio:.0f}x the parameters of the linear layer on the same data",
-        "no Q-Former": "the projection then reads 4 concatenated ViT patches per token and must "
-                       "rebuild from raw patches the one-slot-per-cell inputs our LLM was "
-                       "pretrained on; the paper's Vicuna had no such prior",
-        "finetuned Q-Former": "the Q-Former then trains at the projection's learning rate, "
-                              "which moves the features the rest was built on, and it costs a "
-                              "Q-Former forward/backward every step (no feature cache)",
-    }
-    paper = {  # the paper's verdict (Table 5) in `_verdict`'s words, and in numbers
-        "3-layer MLP": ("worse than", "worse on both (49.7 / 31.0 vs 58.2 / 32.2)"),
-        "no Q-Former": ("mixed against", "mixed (-1.3 on AOK-VQA, +1.2 on GQA)"),
-        "finetuned Q-Former": ("worse than", "worse on both (52.1 / 28.0)")}
     out = []
     for name in ("3-layer MLP", "no Q-Former", "finetuned Q-Former"):
         if name not in rows:
             continue
         r = rows[name]
         ours = _verdict(r, base, tie)
+        paper_verdict, paper_words = PAPER_VERDICTS[name]
         ratio = r["trainable_params"] / max(1, base["trainable_params"])
-        out.append(
+        line = (
             f"- **{name}**: {ours} the linear projection here (Q&A {r['qa']['accuracy']:.2f} vs "
             f"{base['qa']['accuracy']:.2f}, detailed failure {r['detailed']['failure_rate']:.2f} "
             f"vs {base['detailed']['failure_rate']:.2f}, hallucination "
             f"{r['detailed']['hallucination_rate']:.3f} vs "
-            f"{base['detailed']['hallucination_rate']:.3f}); the paper found it "
-            f"{paper[name][1]}: {'agrees' if ours == paper[name][0] else 'differs'}. "
-            f"Context: {context[name].format(ratio=ratio)}.")
-    fractions = sorted((float(k.split()[-1].rstrip("%")) / 100, r)
-                       for k, r in rows.items() if k.startswith("stage-1 data"))
+            f"{base['detailed']['hallucination_rate']:.3f}); the paper found it {paper_words}: "
+            f"{'agrees' if ours == paper_verdict else 'differs'}. It trains "
+            f"{r['trainable_params']:,} parameters ({ratio:.1f}x the linear layer's) in "
+            f"{r['train_seconds']:.0f} s (linear: {base['train_seconds']:.0f} s).")
+        if ours in ("worse than", "mixed against"):
+            line += f" {COMMENTARY}: {COMMENTARY_IF_WORSE[name]}."
+        out.append(line)
+    fractions = _fraction_rows(rows)
     if len(fractions) >= 2:
-        small, full = fractions[0][1], fractions[-1][1]
+        (small_f, small), (full_f, full) = fractions[0], fractions[-1]
         ours = _verdict(full, small, tie)
-        curve = ", ".join(f"{f:.0%}: Q&A {r['qa']['accuracy']:.2f} / failure "
-                          f"{r['detailed']['failure_rate']:.2f}" for f, r in fractions)
-        out.append(
-            f"- **Stage-1 data** ({curve}): the full caption set is {ours} "
-            f"{fractions[0][0]:.0%} of it after stage 2; the paper's score rises from 10% to "
-            "50% and is flat after (1.62, 2.15, 2.26, 2.22). ToyWorld's captions are simple and "
-            "repetitive, so even 10% (500 scenes, seen many times) is enough for the alignment, "
-            "and stage 2, the same in every row, finishes the job.")
+        curve = ", ".join(f"{f:.0%}: caption recall {r['caption']['object_recall']:.2f} / Q&A "
+                          f"{r['qa']['accuracy']:.2f} / failure {r['detailed']['failure_rate']:.2f}"
+                          for f, r in fractions)
+        grows = ours == "better than"
+        line = (f"- **Stage-1 data** ({curve}): after stage 2, the model aligned on {full_f:.0%} "
+                f"of the captions is {ours} the one aligned on {small_f:.0%}; the paper's "
+                "captions improve from 10% to 50% and are flat after (1.62, 2.15, 2.26, 2.22): "
+                f"{'agrees' if grows else 'differs'}.")
+        if not grows:
+            n_train = report.get("n_train")
+            seen = (f" ({max(8, int(n_train * small_f)):,} scenes, seen many times)"
+                    if n_train else "")
+            line += (f" {COMMENTARY}: ToyWorld's captions are simple and repetitive, so "
+                     f"{small_f:.0%} of them{seen} may already be enough for the alignment, and "
+                     "stage 2, the same in every row, does the rest.")
+        out.append(line)
     return out
 
 
 # --- curated vs ground-truth stage-2 data (paper Sec. 3.2) ---------------------------------------
+def ground_truth_twin(curated: str | Path, out: str | Path, seed: int = 42) -> Path:
+    """A `cc_sbu_align` folder with the curated folder's images and exact descriptions of them.
+
+    Same JPEG files, same layout, one text per image: the only difference from the curated set is
+    who wrote the text (ToyWorld's ground truth instead of the stage-1 model), so that stage 2
+    reads both through the same image path (the same crops, the same lack of a feature cache).
+    """
+    curated, out = Path(curated), Path(out)
+    annotations = []
+    for image_id, _ in CCSBUAlignDataset(curated).items:  # curate names an image by its scene seed
+        scene = tw.make_scene(int(image_id), exclude_combos=tw.HELDOUT_COMBOS)
+        text = tw.detailed_description(scene, random.Random(f"{seed}:{image_id}"))
+        annotations.append({"image_id": image_id, "caption": text})
+    if (out / "image").exists():
+        shutil.rmtree(out / "image")
+    shutil.copytree(curated / "image", out / "image")
+    (out / "filter_cap.json").write_text(json.dumps({"annotations": annotations}, indent=1))
+    return out
+
+
 def compare_curated(curated: str | Path, out: str | Path, n_eval: int = 200, seed: int = 42,
                     stage1: str | Path | None = None, steps: int | None = None) -> dict:
     """Stage 2 on the curated `cc_sbu_align` folder vs on ToyWorld's exact descriptions.
 
-    Both start from the same stage-1 projection, see the same images (the curated set's kept
-    scenes) with the same number of steps, and are evaluated on the same held-out scenes. The gap
-    is the price of writing the stage-2 data with the stage-1 model instead of by hand.
+    Both start from the same stage-1 projection, read the same image files (the curated set's kept
+    scenes, see `ground_truth_twin`) the same way for the same number of steps, and are evaluated
+    on the same held-out scenes. The gap is the price of writing the stage-2 data with the
+    stage-1 model instead of by hand.
     """
     from .config import ASSETS
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage1 = stage1 or ASSETS / "projections" / "stage1"
-    curated_ds = CCSBUAlignDataset(curated, seed=seed)
-    kept = [tw.make_scene(int(image_id), exclude_combos=tw.HELDOUT_COMBOS)
-            for image_id, _ in curated_ds.items]  # curate names each image by its scene seed
-    truth_ds = ToyWorldDataset.from_scenes(2, kept, seed=seed, kinds={"detailed": 1.0})
+    truth = ground_truth_twin(curated, out / "ground_truth", seed=seed)
     scenes = tw.make_scenes("heldout", n_eval)
     rows = {}
-    for name, ds in (("curated by the stage-1 model", curated_ds),
-                     ("ground-truth descriptions", truth_ds)):
+    for name, folder in (("curated by the stage-1 model", curated),
+                         ("ground-truth descriptions", truth)):
+        ds = CCSBUAlignDataset(folder, seed=seed)
         torch.manual_seed(seed)
         model = load_model(preset("tiny"), projection=str(stage1))
         t0 = time.time()
@@ -258,5 +326,6 @@ def comparison_markdown(report: dict) -> str:
                      f"{d['repetition_rate']:.3f} | {r['poem']['failure_rate']:.1%} | "
                      f"{r['qa']['accuracy']:.1%} |")
     lines.append(f"\n{report['n_eval']} held-out scenes, seed {report['seed']}; both rows start "
-                 "from the same stage-1 projection and train the same steps.\n")
+                 "from the same stage-1 projection, read the same image files the same way "
+                 "(random crops, as for any folder of photos) and train the same steps.\n")
     return "\n".join(lines)

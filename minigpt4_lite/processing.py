@@ -6,6 +6,14 @@ Official MiniGPT-4 (via LAVIS) uses torchvision; we rebuild the same transforms 
 * eval:  Resize((size, size), bicubic), ToTensor, Normalize
 * Normalize uses CLIP's mean/std, because the vision encoder (EVA-CLIP ViT-g) was trained with them.
 
+On a PIL image torchvision's transforms are thin wrappers around PIL and torch, so rebuilding them
+costs a few lines and spares users a torchvision that must match their torch build exactly (a
+CUDA torchvision wheel does not even import beside a CPU-only torch). The result is the same bit
+for bit: the tests compare both transforms with torchvision's on real photos, pixel for pixel, and
+the crop sampling draw for draw. Two details matter for that: the crop is cut out *before* it is
+resized (resizing with PIL's ``box=`` would let the bicubic filter read pixels just outside the
+crop), and the aspect ratio is exponentiated in float32, as torchvision does.
+
 ``load_image`` turns whatever a user hands us (path, bytes, upload, PIL image) into an RGB image,
 or raises :class:`ImageLoadError` with one sentence saying which file, what is wrong, what to do.
 """
@@ -190,6 +198,8 @@ def random_resized_crop_params(
 ) -> tuple[int, int, int, int]:
     """torchvision's ``RandomResizedCrop.get_params``: returns ``(top, left, h, w)``.
 
+    The same draws in the same order, so a generator seeded with ``s`` gives the crop torchvision
+    gives after ``torch.manual_seed(s)`` (``generator=None`` draws from torch's global one).
     Ten tries of (area fraction ~ U(scale), aspect ratio ~ log-uniform(ratio)); the first crop
     that fits wins, else a central crop with the aspect ratio clamped into ``ratio``.
     """
@@ -197,8 +207,8 @@ def random_resized_crop_params(
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        log_r = torch.empty(1).uniform_(*log_ratio.tolist(), generator=generator).item()
-        aspect = math.exp(log_r)
+        log_r = torch.empty(1).uniform_(*log_ratio.tolist(), generator=generator)
+        aspect = torch.exp(log_r).item()  # exp in float32, as torchvision: the same rounding
         w = round(math.sqrt(target_area * aspect))
         h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
@@ -225,17 +235,21 @@ def image_to_tensor(
     """PIL image -> normalised float tensor ``[3, image_size, image_size]``.
 
     eval: Resize((size, size), bicubic); train: RandomResizedCrop(size, scale=(0.5, 1.0),
-    bicubic) with parameters drawn from ``generator``; then ToTensor and CLIP Normalize.
+    bicubic) with parameters drawn from ``generator``; then ToTensor and CLIP Normalize. Equal,
+    bit for bit, to the official torchvision pipeline (LAVIS' ``Blip2ImageEvalProcessor`` /
+    ``Blip2ImageTrainProcessor``, used by both training stages) on an RGB image.
     """
     if not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f"image_size must be a positive int, not {image_size!r}")
     if img.mode != "RGB":
         img = _to_rgb(img)
-    box = None
-    if train:
+    if train:  # crop, then resize the crop alone: torchvision's ``resized_crop`` on PIL images
         top, left, h, w = random_resized_crop_params(*img.size, generator=generator)
-        box = (left, top, left + w, top + h)
-    img = img.resize((image_size, image_size), Image.BICUBIC, box=box)
+        img = img.crop((left, top, left + w, top + h))
+    # PIL's bicubic filter is what torchvision's Resize calls on PIL images (antialiased: when
+    # shrinking, the kernel widens to cover every source pixel). Same size: left as it is.
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)

@@ -1,4 +1,4 @@
-"""The two-stage training loop (paper Sec. 3.1 and 3.2; REFERENCE.md "Training recipe").
+"""The two-stage training loop (paper Sec. 3.1 and 3.2, with the official training recipe).
 
 Only the projection is trained (the frozen parts never change), so a checkpoint is small: the
 trained tensors, the AdamW state, the RNG states and the step, in one safetensors file written
@@ -6,7 +6,9 @@ atomically. Resuming continues the exact trajectory. Since the ViT and Q-Former 
 output for an image never changes: with no random augmentation it is computed once and reused
 (the frozen-feature cache), which leaves only the LLM forward/backward in the loop.
 Distributed runs (torchrun or `accelerate launch`) go through Accelerate; each process draws its own
-batches and DDP averages the projection's gradients.
+batches and DDP averages the projection's gradients. Each process's random streams are saved too
+(process 0's in the checkpoint, the others' in `rng-rank{N}.safetensors` next to it), so a run
+resumed with the same number of processes draws exactly the batches it would have drawn.
 """
 
 from __future__ import annotations
@@ -27,20 +29,27 @@ from tqdm.auto import tqdm
 
 from .checkpoints import atomic_save_file, save_pretrained
 from .data import Sample, image_tensor
-from .errors import CheckpointError, TrainingError
-from .model import MiniGPT4
+from .errors import CheckpointError, ConfigError, TrainingError
+from .model import END_SYM, MAX_TXT_LEN, MiniGPT4
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
 
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
 @dataclass
 class TrainConfig:
-    """One stage of training. `RECIPES` holds the paper's numbers and the tiny presets' ones."""
+    """One stage of training. `RECIPES` holds the paper's numbers and the tiny presets' ones.
+
+    The defaults are the paper's stage 1 (Sec. 3.1: 20,000 steps, 5,000 of them warmup). A config
+    is checked when it is made (and again by `train`): an invalid one raises a `ConfigError`.
+    """
 
     stage: int = 1
-    steps: int = 400
-    batch_size: int = 32  # per process
+    steps: int = 20000
+    batch_size: int = 64  # per process
     grad_accum: int = 1
     lr: float = 1e-4  # peak, reached after the linear warmup
     min_lr: float = 8e-5  # end of the cosine decay
@@ -58,19 +67,54 @@ class TrainConfig:
     # the one-time compile pays for itself (`should_compile`)
     compile: bool | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a `ConfigError` (one sentence) for a config that cannot train as meant."""
+        def bad(why: str) -> ConfigError:
+            return ConfigError(f"Invalid TrainConfig: {why}.")
+
+        if self.stage not in (1, 2):
+            raise bad(f"stage must be 1 or 2, got {self.stage!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise bad(f"warmup_steps ({self.warmup_steps}) must be at least 0 and below steps "
+                      f"({self.steps}), or the run would never leave warmup and never reach the "
+                      f"peak rate; lower warmup_steps or raise steps")
+        if not 0 < self.min_lr <= self.lr:
+            raise bad(f"the rates must satisfy 0 < min_lr <= lr, got min_lr={self.min_lr:g}, "
+                      f"lr={self.lr:g}")
+        if not 0 <= self.warmup_lr <= self.lr:
+            raise bad(f"the rates must satisfy 0 <= warmup_lr <= lr, got "
+                      f"warmup_lr={self.warmup_lr:g}, lr={self.lr:g}")
+        if self.weight_decay < 0 or not all(0 <= b < 1 for b in self.betas):
+            raise bad(f"weight_decay must be >= 0 and betas in [0, 1), got "
+                      f"{self.weight_decay!r} and {self.betas!r}")
+        if self.save_every < 0:
+            raise bad(f"save_every must be >= 0 (0: only at the end), got {self.save_every!r}")
+        if self.precision not in PRECISIONS:
+            raise bad(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                      f"{self.precision!r}")
+        if self.compile not in (None, True, False):
+            raise bad(f"compile must be True, False or None (auto), got {self.compile!r}")
+
     @property
     def end_sym(self) -> str:
-        return "\n" if self.stage == 1 else "###"
+        """What ends each answer in this stage (`model.END_SYM`)."""
+        return END_SYM[self.stage]
 
     @property
     def max_txt_len(self) -> int:
-        return 32 if self.stage == 1 else 160
+        """How many answer tokens (end symbol included) are kept in this stage."""
+        return MAX_TXT_LEN[self.stage]
 
 
 RECIPES = {
     # The paper: 20k steps x 256 (4 GPUs x 64), then 400 x 12 (the official config says 1,000).
-    "paper-stage1": TrainConfig(stage=1, steps=20000, batch_size=64, lr=1e-4, min_lr=8e-5,
-                                warmup_steps=5000),
+    "paper-stage1": TrainConfig(),  # the defaults are this recipe
     "paper-stage2": TrainConfig(stage=2, steps=400, batch_size=12, lr=3e-5, min_lr=1e-5,
                                 warmup_steps=200),
     # The embedded ToyWorld default: minutes on a laptop CPU.
@@ -82,15 +126,33 @@ RECIPES = {
 
 
 def recipe(name: str, **overrides) -> TrainConfig:
-    return dataclasses.replace(RECIPES[name], **overrides)
+    """The named recipe with fields overridden by keyword.
+
+    Overriding `steps` alone keeps the recipe's share of warmup (800 steps with 50 of warmup asked
+    for 80 steps warm up for 5), so a shortened run still leaves warmup; pass `warmup_steps` too
+    to choose it.
+    """
+    if name not in RECIPES:
+        raise ConfigError(f"Unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}.")
+    base = RECIPES[name]
+    if isinstance(overrides.get("steps"), int) and "warmup_steps" not in overrides:
+        overrides["warmup_steps"] = base.warmup_steps * overrides["steps"] // base.steps
+    return dataclasses.replace(base, **overrides)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup `warmup_lr -> lr`, then cosine decay to `min_lr` (official scheduler)."""
+    """The official `LinearWarmupCosineLRScheduler` (paper Sec. 3.1 and 3.2 recipes).
+
+    Linear warmup `warmup_lr -> lr` over `warmup_steps`; after it, a cosine from `lr` to `min_lr`
+    over the *whole* run, warmup included (`cos(pi * step / steps)`), exactly as the official
+    scheduler: so the rate right after warmup is already a little below the peak. (The official
+    warmup counts the step within the epoch; both stages warm up inside their first epoch, so it is
+    the same step.)
+    """
     if step < cfg.warmup_steps:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / max(1, cfg.warmup_steps)
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+        rate = cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / max(1, cfg.warmup_steps)
+        return min(cfg.lr, rate)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * step / cfg.steps))
 
 
 def make_optimizer(model: MiniGPT4, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -153,24 +215,58 @@ def make_batch(model: MiniGPT4, samples: list[Sample], cfg: TrainConfig, cache: 
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model: MiniGPT4, opt, step: int, history: list,
-                    generator: torch.Generator, cfg: TrainConfig) -> None:
-    """What was trained + optimizer + RNG states + step, atomically (temp file + rename)."""
+@dataclass
+class RNGState:
+    """One process's random streams: torch's global one, the batch-drawing generator, Python's.
+
+    The loop takes one after every step, so that a checkpoint (even one written on Ctrl-C in the
+    middle of the next step) holds the streams exactly as they were after the step it saves.
+    """
+
+    torch_state: torch.Tensor
+    data_state: torch.Tensor
+    python_state: tuple
+
+    @classmethod
+    def capture(cls, generator: torch.Generator) -> "RNGState":
+        return cls(torch.get_rng_state(), generator.get_state(), random.getstate())
+
+    def restore(self, generator: torch.Generator) -> None:
+        torch.set_rng_state(self.torch_state)
+        generator.set_state(self.data_state)
+        version, internal, gauss = self.python_state  # JSON made the inner tuple a list
+        random.setstate((version, tuple(internal), gauss))
+
+
+def rank_rng_path(path: Path, rank: int) -> Path:
+    """Where process `rank` (>= 1) of a multi-process run keeps its random streams."""
+    return path.with_name(f"rng-rank{rank}.safetensors")
+
+
+def save_checkpoint(path: Path, model: MiniGPT4, opt, step: int, history: list, rng: RNGState,
+                    cfg: TrainConfig, world_size: int = 1) -> None:
+    """What was trained + optimizer + process 0's RNG states + step, atomically (temp + rename)."""
     tensors = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     osd = opt.state_dict()
     for idx, state in osd["state"].items():
         for key, value in state.items():
             tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.data"] = generator.get_state()
+    tensors["rng.torch"], tensors["rng.data"] = rng.torch_state, rng.data_state
     meta = {"step": step, "history": history, "param_groups": osd["param_groups"],
-            "python_random": random.getstate(), "train_config": asdict(cfg),
-            "model_config": model.cfg.to_dict()}
+            "python_random": rng.python_state, "world_size": world_size,
+            "train_config": asdict(cfg), "model_config": model.cfg.to_dict()}
     atomic_save_file(tensors, path, metadata={"state": json.dumps(meta)})
 
 
-def load_checkpoint(path: Path, model: MiniGPT4, opt, generator: torch.Generator) -> dict:
-    """Restore a checkpoint written by `save_checkpoint`; returns its metadata (step, history)."""
+def save_rank_rng(path: Path, rank: int, step: int, rng: RNGState) -> None:
+    """The random streams of process `rank` >= 1 after `step`, next to the checkpoint `path`."""
+    meta = {"step": step, "rank": rank, "python_random": rng.python_state}
+    tensors = {"rng.torch": rng.torch_state, "rng.data": rng.data_state}
+    atomic_save_file(tensors, rank_rng_path(path, rank),
+                     metadata={"state": json.dumps(meta)})
+
+
+def _read(path: Path) -> tuple[dict, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["state"])
@@ -178,6 +274,25 @@ def load_checkpoint(path: Path, model: MiniGPT4, opt, generator: torch.Generator
     except Exception as e:
         raise CheckpointError(f"Cannot resume from {path}: not a complete training checkpoint "
                               f"({e}).") from e
+    return meta, tensors
+
+
+def load_checkpoint(path: Path, model: MiniGPT4, opt, generator: torch.Generator,
+                    rank: int = 0, world_size: int = 1) -> dict:
+    """Restore a checkpoint written by `save_checkpoint`; returns its metadata (step, history).
+
+    Every process restores the same trained tensors and optimizer state, and its *own* random
+    streams (process 0's from the checkpoint, process N's from `rng-rank{N}.safetensors`). A run
+    can therefore only be resumed with as many processes as it had: with another number, the
+    processes would draw other batches than the interrupted run, so this is refused.
+    """
+    meta, tensors = _read(path)
+    saved_world = meta.get("world_size", 1)  # checkpoints from before it was recorded: 1 process
+    if saved_world != world_size:
+        raise CheckpointError(
+            f"{path} was written by a run of {saved_world} process(es) and this run has "
+            f"{world_size}: resume it with {saved_world} (each process continues its own random "
+            "stream), or start afresh in a new out_dir (or with resume=False).")
     params = dict(model.named_parameters())
     for name, p in params.items():
         if p.requires_grad:
@@ -194,10 +309,22 @@ def load_checkpoint(path: Path, model: MiniGPT4, opt, generator: torch.Generator
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    generator.set_state(tensors["rng.data"])
-    version, internal, gauss = meta["python_random"]
-    random.setstate((version, tuple(internal), gauss))
+    if rank == 0:
+        rng = RNGState(tensors["rng.torch"], tensors["rng.data"], meta["python_random"])
+        rng.restore(generator)
+        return meta
+    own = rank_rng_path(path, rank)
+    if not own.exists():
+        raise CheckpointError(f"Cannot resume process {rank}: {own} (its random streams) is "
+                              f"missing next to {path}; start afresh in a new out_dir.")
+    rank_meta, rank_tensors = _read(own)
+    if rank_meta["step"] != meta["step"]:
+        raise CheckpointError(
+            f"{own} holds process {rank}'s random streams at step {rank_meta['step']}, but "
+            f"{path} is at step {meta['step']} (an interrupted write?); start afresh in a new "
+            "out_dir.")
+    RNGState(rank_tensors["rng.torch"], rank_tensors["rng.data"],
+             rank_meta["python_random"]).restore(generator)
     return meta
 
 
@@ -270,19 +397,22 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
     """
     from accelerate import Accelerator
 
+    cfg.validate()  # fields may have been changed since the config was made
     device = model.device
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=_precision(cfg, device))
     if len(dataset) == 0:
         raise TrainingError("The dataset is empty: refusing to train on nothing.")
     opt = make_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed + acc.process_index)
-    torch.manual_seed(cfg.seed + acc.process_index)
+    rank, world = acc.process_index, acc.num_processes
+    generator = torch.Generator().manual_seed(cfg.seed + rank)  # each process its own batches
+    torch.manual_seed(cfg.seed + rank)
     ckpt = Path(cfg.out_dir) / CHECKPOINT if cfg.out_dir else None
     step, history = 0, []
     if ckpt is not None and resume and ckpt.exists():
-        meta = load_checkpoint(ckpt, model, opt, generator)
+        meta = load_checkpoint(ckpt, model, opt, generator, rank=rank, world_size=world)
         step, history = meta["step"], meta["history"]
         log.info("resumed from %s at step %d", ckpt, step)
+    rng = RNGState.capture(generator)  # the streams after `step` steps
     augment = uses_augmentation(dataset, cfg)
     cache = (build_feature_cache(model, dataset) if cfg.feature_cache and not augment
              and model.cfg.freeze_qformer else None)
@@ -291,8 +421,12 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
     uncompile = compile_llm(model.llm) if should_compile(cfg, device) else None
 
     def checkpoint():
-        if ckpt is not None and acc.is_main_process:
-            save_checkpoint(ckpt, model, opt, step, history, generator, cfg)
+        if ckpt is None:
+            return
+        if rank == 0:
+            save_checkpoint(ckpt, model, opt, step, history, rng, cfg, world_size=world)
+        else:
+            save_rank_rng(ckpt, rank, step, rng)
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {cfg.stage}",
                disable=not acc.is_main_process)
@@ -320,6 +454,7 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            rng = RNGState.capture(generator)
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": round(total, 5), "lr": lr,
                       "samples_per_s": round(cfg.batch_size * cfg.grad_accum

@@ -8,7 +8,10 @@ function here returns `(figure, data)`: a matplotlib Figure and the numbers draw
   in the image that points once composed with the Q-Former's cross-attention;
 - `projected_token_lens`: the vocabulary tokens nearest to each projected visual token (a lens);
 - `alignment_pca`: visual tokens moving next to the words that describe them, stage by stage;
-- `training_curves`: loss and learning rate; `lens_hit_rate`: the lens as one number.
+- `training_curves`: loss and learning rate; `LiveLoss`: the loss curve drawn while `train` runs;
+- `lens_hit_rate`: the lens as one number;
+- the workbook's pictures: `scene_texts` (each scene above the texts written about it),
+  `loss_mask` (the token sequence and which positions carry a loss), `metrics_table` (text).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from . import toyworld as tw
 from .chat import GenerationSettings, generate
 from .checkpoints import read_projection
 from .data import stage2_prompt
+from .errors import DataError
 from .evaluate import scene_features
-from .model import MiniGPT4
+from .model import Example, MiniGPT4
 from .processing import denormalize
 
 STOPWORDS = {"a", "an", "the", "is", "are", "and", "of", "in", "on", "at", "to", "it", "its",
@@ -44,7 +48,7 @@ def eager_attention(llm):
     """Eager attention inside the block, then the previous kernel again.
 
     SDPA (transformers' default) never materialises the attention matrix: with
-    `output_attentions=True` it returns empty tuples (TOOLCHAIN.md). Eager computes the softmax.
+    `output_attentions=True` it returns empty tuples (docs/toolchain.md). Eager computes them.
     """
     before = llm.config._attn_implementation
     if before != "eager":
@@ -428,6 +432,38 @@ def training_curves(histories, smoothing: float = 0.9):
     return fig, data
 
 
+class LiveLoss:
+    """A loss curve that redraws itself while `train` runs: `train(..., callback=LiveLoss(steps))`.
+
+    Every `every` steps, and at the last one, the curve and its title are redrawn in place in the
+    notebook's output. Outside IPython nothing is shown; the records are kept (`steps`, `losses`).
+    """
+
+    def __init__(self, total: int, every: int = 10, name: str = "stage 1",
+                 ylabel: str = "loss (caption tokens)"):
+        from IPython import get_ipython
+        from IPython.display import display
+
+        self.total, self.every, self.name = total, every, name
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.fig, self.ax = plt.subplots(figsize=(6.5, 3))
+        self.ax.set(xlim=(0, total), xlabel="step", ylabel=ylabel)
+        self.line, = self.ax.plot([], [], color="tab:blue")
+        self.handle = display(self.fig, display_id=True) if get_ipython() else None
+        plt.close(self.fig)  # shown through the handle only, not a second time at the cell's end
+
+    def __call__(self, record: dict) -> None:
+        self.steps.append(record["step"])
+        self.losses.append(record["loss"])
+        if record["step"] % self.every == 0 or record["step"] >= self.total:
+            self.line.set_data(self.steps, self.losses)
+            self.ax.relim(), self.ax.autoscale_view()
+            self.ax.set_title(f"{self.name}, step {record['step']}: loss {record['loss']:.3f}")
+            if self.handle is not None:
+                self.handle.update(self.fig)
+
+
 # --- 6. the lens as a number ----------------------------------------------------------------------
 @torch.no_grad()
 def lens_hits(model, scenes: list[tw.Scene], k: int = 5, batch_size: int = 256) -> dict:
@@ -462,3 +498,78 @@ def lens_hits(model, scenes: list[tw.Scene], k: int = 5, batch_size: int = 256) 
 def lens_hit_rate(model, scenes: list[tw.Scene], k: int = 5) -> float:
     """Share of scenes whose pooled top-k lens words name every object (see `lens_hits`)."""
     return lens_hits(model, scenes, k)["scene_rate"]
+
+
+# --- 7. the workbook's pictures: what the model wrote, what it reads ------------------------------
+def scene_texts(scenes: list[tw.Scene], texts: dict[str, list[str]], show=None, width: int = 34,
+                height: float = 4.6, size: int = 120):
+    """Each scene's picture above the texts written about it (Sec. 3.1-3.2: captions, descriptions).
+
+    `texts` maps a name ("stage 1", "poem") to one text per scene, in the order of `scenes`; `show`
+    picks the panels by index into both (default: all), so a text is only ever drawn under its own
+    scene's picture. Texts are shortened to 300 characters and wrapped at `width`.
+    data: one `{"index", "scene", "texts": {name: text}}` per panel, left to right.
+    """
+    for name, column in texts.items():
+        if len(column) != len(scenes):
+            raise DataError(f"texts[{name!r}] holds {len(column)} texts for {len(scenes)} scenes; "
+                            "pass one text per scene, in the scenes' order, and pick the panels "
+                            "with `show`.")
+    show = list(range(len(scenes)) if show is None else show)
+    fig, axes = plt.subplots(1, len(show), figsize=(3.3 * len(show), height), squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=1 - 3.0 / height, wspace=0.1)
+    data = []
+    for ax, i in zip(axes[0], show):
+        panel = {name: column[i] for name, column in texts.items()}
+        ax.imshow(tw.render(scenes[i], size)), ax.set_xticks([]), ax.set_yticks([])
+        body = "\n\n".join(textwrap.fill(f"{name}: " + textwrap.shorten(text, 300), width)
+                            for name, text in panel.items())
+        ax.text(0, -0.04, body, transform=ax.transAxes, ha="left", va="top", fontsize=7.5)
+        data.append({"index": i, "scene": scenes[i], "texts": panel})
+    return fig, data
+
+
+KIND_COLOUR = {"BOS": "#9ca3af", "prompt": "#93c5fd", "image": "#fca5a5", "answer": "#86efac"}
+
+
+def loss_mask(tokenizer, examples: dict[str, Example], per_row: int = 28):
+    """The sequences the LLM reads: a coloured cell per position, its label under it (Sec. 3.1-3.2).
+
+    `examples` maps a panel title to `model.build_example(...)`. A cell is BOS, prompt text, an
+    image slot (id -1: one per visual token, filled by `model.embed`) or answer; the label under
+    it is -100 (no loss) or the token the position is trained to produce: only answer tokens and
+    the end symbol carry a loss. data: per title, one `{"text", "kind", "label"}` per position.
+    """
+    rows = [-(-len(ex.ids) // per_row) for ex in examples.values()]
+    fig, axes = plt.subplots(len(examples), 1, squeeze=False,
+                             figsize=(15, 1.0 * sum(rows) + 0.8 * len(examples)),
+                             gridspec_kw={"height_ratios": [r + 0.6 for r in rows]})
+    data = {}
+    for ax, (title, ex) in zip(axes[:, 0], examples.items()):
+        cells = []
+        for i, (t, label) in enumerate(zip(ex.ids, ex.labels)):
+            kind = ("BOS" if i == 0 else "image" if t == -1 else "prompt" if label == -100
+                    else "answer")
+            text = "img" if t == -1 else tokenizer.decode([t]).replace("\n", "\\n").strip() or "␣"
+            cells.append({"text": text, "kind": kind, "label": label})
+            r, c = divmod(i, per_row)
+            ax.add_patch(plt.Rectangle((c, -2 * r), 0.94, 0.9, color=KIND_COLOUR[kind]))
+            ax.text(c + 0.47, -2 * r + 0.45, text[:8], ha="center", va="center", fontsize=6)
+            ax.text(c + 0.47, -2 * r - 0.3, str(label), ha="center", va="center", fontsize=5.5,
+                    color="0.55" if label == -100 else "darkgreen")
+        ax.set_xlim(-0.2, per_row), ax.set_ylim(-2 * ((len(ex.ids) - 1) // per_row) - 0.8, 1.1)
+        ax.axis("off"), ax.set_title(title, fontsize=10, loc="left")
+        ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c, label=k)
+                           for k, c in KIND_COLOUR.items()],
+                  ncol=4, fontsize=8, loc="lower right", bbox_to_anchor=(1, 1), frameon=False)
+        data[title] = cells
+    fig.tight_layout()
+    return fig, data
+
+
+def metrics_table(results: dict[str, dict], register: str, keys, title: str | None = None) -> str:
+    """`evaluate` results as a plain-text table: one row per model, one column per metric."""
+    lines = [f"{title or register:<32}" + "".join(f"{k:>19}" for k in keys)]
+    lines += [f"{name:<32}" + "".join(f"{r[register][k]:>19.3f}" for k in keys)
+              for name, r in results.items()]
+    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 Core ipywidgets only, so it works in JupyterLab, classic Notebook, VS Code and Colab. The
 transcript is an `HTML` widget re-rendered from `history` (a list of `(kind, text)`): callbacks
-never `print` into an `Output` (TOOLCHAIN.md: under nbval that leaks into the cell's output).
+never `print` into an `Output` (docs/toolchain.md: under nbval that leaks into the cell).
 Answers stream in word by word from `Chat.stream`; errors become a red line in the transcript and
 the widget stays usable.
 """

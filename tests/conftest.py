@@ -72,3 +72,34 @@ def llama_dir(tmp_path_factory):
                                        pad_token_id=fast.pad_token_id))
     llm.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture()
+def scripted_answer(monkeypatch):
+    """`scripted_answer(model, text)`: the real model's `generate` runs, but picks `text`'s tokens.
+
+    A logits processor leaves only the next token of `text` allowed at each step (as a teacher
+    forcing a reply), so the chat's own generation, stop and decoding code runs on an answer of
+    our choosing: e.g. one with newlines, which the tiny model never writes by itself.
+    """
+    from transformers import LogitsProcessor
+
+    class Script(LogitsProcessor):
+        def __init__(self, ids: list[int]):
+            self.ids, self.start = ids, None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.start is None:
+                self.start = input_ids.shape[1]
+            step = min(input_ids.shape[1] - self.start, len(self.ids) - 1)
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.ids[step]] = 0.0
+            return forced
+
+    def script(model, text: str) -> None:
+        ids = model.tokenizer(text, add_special_tokens=False).input_ids
+        real = type(model.llm).generate.__get__(model.llm)  # the class's, even if re-scripted
+        monkeypatch.setattr(model.llm, "generate", lambda *args, **kwargs: real(
+            *args, logits_processor=[Script(ids)], **kwargs))
+
+    return script

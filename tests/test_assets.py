@@ -3,12 +3,14 @@
 import json
 import random
 import re
+import shutil
 import types
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite.build_assets import (
@@ -28,6 +30,7 @@ from minigpt4_lite.build_assets import (
     pool_tokens_per_batch,
     probe_accuracy,
     qa_dialogue,
+    render_model_card,
     sha256,
     slot_vocabulary,
     slot_word_counts,
@@ -114,8 +117,13 @@ def test_slot_vectors_describe_the_scene(tiny):
     for obj in scene.objects:
         assert words[obj.cell] == [*tw.CELL_WORDS[obj.cell], obj.size, obj.colour, obj.shape]
     assert all(words[c][-1] == "empty" for c in range(9) if c not in scene.cells)
-    slots = SlotEncoder(tiny.tokenizer)([scene], tiny.llm.get_input_embeddings(), 0.0)
+    encoder, embedding = SlotEncoder(tiny.tokenizer), tiny.llm.get_input_embeddings()
+    slots = encoder([scene], embedding, 0.0)
     assert slots.shape == (1, 10, 256)
+    table = encoder.word_matrix(embedding)  # slot = the sum of its words' embeddings
+    for cell, cell_words in enumerate(words):
+        expected = torch.stack([table[encoder.index[w]] for w in cell_words]).sum(0)
+        torch.testing.assert_close(slots[0, cell], expected)
 
 
 def test_slot_word_counts_are_the_slot_words():
@@ -164,6 +172,70 @@ def test_model_card_hashes_match_files():
         assert digest in card
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
     assert total <= 25 * 2**20
+
+
+def _card_files(card: str) -> dict[str, str]:
+    """The card's "Files" table: path -> sha256."""
+    rows = re.findall(r"^\| `([^`]+)` \| [\d,]+ \| `([0-9a-f]{64})` \|$", card, re.M)
+    return dict(rows)
+
+
+def test_shipped_model_card_is_what_the_renderer_writes():
+    """assets/README.md cannot go stale: it is exactly the card rendered from the build report,
+    the configs and the files as they are now (after retraining projections/, re-render it with
+    `python -m minigpt4_lite build-assets --out assets --card-only`)."""
+    assert (ASSETS / "README.md").read_text() == render_model_card(ASSETS)
+
+
+def test_model_card_lists_every_shipped_file_with_its_hash():
+    listed = _card_files((ASSETS / "README.md").read_text())
+    shipped = {p.relative_to(ASSETS).as_posix() for p in ASSETS.rglob("*")
+               if p.is_file() and p.name != "README.md"}
+    assert set(listed) == shipped
+    weights = {p.relative_to(ASSETS).as_posix() for p in ASSETS.rglob("*.safetensors")}
+    assert weights >= {"llm/model.safetensors", "vision_qformer/model.safetensors",
+                       "projections/stage1/projection.safetensors",
+                       "projections/stage2/projection.safetensors"}
+    assert weights | {"llm/tokenizer.json"} <= set(listed)
+    for name, digest in listed.items():
+        assert sha256(ASSETS / name) == digest, name
+
+
+def test_model_card_figures_come_from_the_report_configs_and_files(tmp_path):
+    """Change a measured figure, a weight file, a config or the demo metrics: the card follows."""
+    folder = tmp_path / "assets"
+    shutil.copytree(ASSETS, folder)
+    report = json.loads((folder / "build_report.json").read_text())
+    report["llm"]["heldout_perplexity"] = 1.234
+    report["linear_readout_r2"] = 0.5
+    (folder / "build_report.json").write_text(json.dumps(report))
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, folder / "llm" / "model.safetensors")
+    cfg = json.loads((folder / "vision_qformer" / "config.json").read_text())
+    cfg["vision_config"]["image_size"], cfg["num_query_tokens"] = 30, 12
+    (folder / "vision_qformer" / "config.json").write_text(json.dumps(cfg))
+    metrics = json.loads((folder / "projections" / "metrics.json").read_text())
+    metrics["stage2"]["detailed"]["failure_rate"] = 0.333
+    (folder / "projections" / "metrics.json").write_text(json.dumps(metrics))
+
+    card = render_model_card(folder)
+    files = _card_files(card)
+    card = " ".join(card.split())  # the card's lines are wrapped: compare the words
+    assert "**1.234**" in card and "R^2 **0.5000**" in card
+    assert "17 parameters (counted in `llm/model.safetensors`)" in card
+    assert "at 0.0 M parameters" in card  # the commentary's size is the file's, not a constant
+    assert "30x30 images, patch 10 (9 patches + CLS)" in card and "12 learned queries" in card
+    assert "query i (i < 11)" in card
+    assert "stage 1 + stage 2: detailed descriptions fail 33.3%" in card
+    assert files["llm/model.safetensors"] == sha256(folder / "llm" / "model.safetensors")
+    for old in ("3,593,984", "60x60", "3.6 M", "(36 patches"):
+        assert old not in card, old
+
+
+def test_model_card_marks_what_the_build_does_not_measure():
+    bullets = " ".join((ASSETS / "README.md").read_text().split()).split(" - ")
+    for figure in ("R^2 0.93", "0.02-0.07"):  # figures of earlier builds and of a prototype
+        line = next(b for b in bullets if figure in b)
+        assert "not re-measured" in line, figure
 
 
 def test_sample_images_have_ground_truth():
@@ -272,9 +344,9 @@ def test_slot_caption_form_is_stage1_layout(tiny):
     items = llm_examples(tiny, scenes, random.Random(0), only)
     cfg = RECIPES["tiny-stage1"]
     n_img = tiny.cfg.num_visual_tokens
+    assert all(kept is scene for (_, kept), scene in zip(items, scenes))  # its slots fill them
     for (example, scene), sample in zip(items, ToyWorldDataset.from_scenes(1, scenes)):
         stage1 = tiny.build_example(sample.prompt, sample.answer, cfg.end_sym, cfg.max_txt_len)
-        assert scene is not None  # the scene's slot vectors fill the image slots
         for ex in (example, stage1):
             assert ex.ids[:1 + n_img] == [tiny.tokenizer.bos_token_id] + [-1] * n_img
             assert ex.labels[:1 + n_img] == [IGNORE_INDEX] * (1 + n_img)

@@ -68,10 +68,10 @@ def test_multi_turn_keeps_history_and_is_deterministic(model):
     chats = [Chat(model, SHORT) for _ in range(2)]
     for chat in chats:
         chat.upload(SAMPLES[0])
-        first = chat.stream("How many objects are there?")
-        assert isinstance("".join(first), str)
+        first = "".join(chat.stream("How many objects are there?"))
+        assert first and first == chat.conv.messages[1][1]  # the pieces make the stored answer
         chat.ask("Where is the star?")
-        chat.answer()
+        assert chat.answer() == chat.conv.messages[3][1]
     a, b = (c.conv.messages for c in chats)
     assert a == b  # greedy decoding: the same conversation twice
     roles = [role for role, _ in a]
@@ -89,8 +89,14 @@ def test_multiple_images_each_get_their_slots(model):
     chat.upload(Image.open(SAMPLES[1]))
     chat.ask("And in this image?")
     assert n_slots(model, chat) == 2 * model.cfg.num_visual_tokens
-    assert isinstance(chat.answer(), str)
-    assert len(chat.images) == 2
+    answer = chat.answer()
+    assert answer and chat.conv.messages[-1] == ["Assistant", answer]
+    assert len(chat.images) == 2  # each slot group gets its own image's visual tokens
+    for image, path in zip(chat.images, SAMPLES[:2]):
+        alone = Chat(model)
+        alone.upload(path)
+        torch.testing.assert_close(image, alone.images[0])
+    assert not torch.allclose(chat.images[0], chat.images[1])
 
 
 def test_upload_accepts_path_bytes_pil_and_tensor(model):
@@ -170,7 +176,8 @@ def test_any_user_text_keeps_one_slot_per_image_and_generates(model, questions, 
             assert not sanitize(question or "")
             continue
         assert n_slots(model, chat) == n_images * model.cfg.num_visual_tokens
-        assert isinstance(chat.answer(), str)  # generation never crashes
+        answer = chat.answer()  # generation never crashes, and its answer is kept as said
+        assert chat.conv.messages[-1] == ["Assistant", answer]
         n_closed = len(chat.conv.messages)
         assert chat.conv.prompt().count("###") == 1 + n_closed
         assert n_slots(model, chat) == n_images * model.cfg.num_visual_tokens
@@ -201,7 +208,7 @@ def test_very_long_question_is_shortened_not_crashed(model):
     chat.upload(SAMPLES[0])
     chat.ask("tell me about the red star " * 400 + "What colour is the circle?")
     answer = chat.answer()
-    assert isinstance(answer, str)
+    assert len(model.text_ids(answer)) <= 100  # it had room for 100 new tokens, not 150
     assert any("question was too long" in n for n in chat.notices)
     assert any("lowered from 150 to 100" in n for n in chat.notices)  # half the context
     assert n_slots(model, chat) == model.cfg.num_visual_tokens
@@ -234,7 +241,10 @@ def test_impossible_limit_is_a_clear_error_and_the_chat_survives(model):
     with pytest.raises(ChatInputError, match="max_length"):
         chat.answer()
     assert chat.conv.messages[-1][0] == "Human"  # the open Assistant turn was closed
-    assert isinstance(chat.answer(SHORT), str)
+    fresh = Chat(model, SHORT)
+    fresh.upload(SAMPLES[0])
+    fresh.ask("What colour is the star?")
+    assert chat.answer(SHORT) == fresh.answer()  # as if the failed call had never happened
 
 
 def test_an_image_without_question_is_never_cut_in_half(model):
@@ -243,9 +253,53 @@ def test_an_image_without_question_is_never_cut_in_half(model):
     chat.conv.append("Assistant", None)
     tight = chat._length() + 1  # room for exactly one new token
     chat.conv.messages.pop()
-    assert isinstance(chat.answer(dataclasses.replace(GREEDY, max_length=tight)), str)
+    answer = chat.answer(dataclasses.replace(GREEDY, max_length=tight))
+    assert len(model.text_ids(answer)) <= 1
     assert chat.conv.messages[0] == ["Human", IMAGE_MESSAGE]
     assert any("lowered from 300 to 1" in n for n in chat.notices)
+
+
+# --- the answer as generated -----------------------------------------------------------------
+LIST_ANSWER = "Objects:\n1. a red star\n2. a blue circle"
+
+
+def test_a_list_answer_keeps_its_lines(model, scripted_answer):
+    """As official: the answer is returned, stored and streamed as generated, newlines and all."""
+    scripted_answer(model, LIST_ANSWER + "\n###")
+    settings = dataclasses.replace(GREEDY, max_new_tokens=40)
+    chat = Chat(model, settings)
+    chat.upload(SAMPLES[0])
+    chat.ask("List the objects.")
+    assert chat.answer() == LIST_ANSWER  # cut at ###, stripped: nothing else changed
+    assert chat.conv.messages[-1] == ["Assistant", LIST_ANSWER]
+    assert "###Assistant: " + LIST_ANSWER + "###" in chat.conv.prompt()  # the LLM reads it too
+    streamed = Chat(model, settings)
+    streamed.upload(SAMPLES[0])
+    pieces = list(streamed.stream("List the objects."))
+    assert len(pieces) > 1 and "".join(pieces) == LIST_ANSWER  # the final newline held back
+    assert answer_batch(model, SAMPLES[:2], "List the objects.", settings) == [LIST_ANSWER] * 2
+
+
+def test_template_markers_in_an_answer_are_shown_but_cannot_change_the_prompt(
+        model, scripted_answer):
+    odd = "C# <ImageHere> is </Img> Human: next"
+    scripted_answer(model, odd + "###")
+    q = model.cfg.num_visual_tokens
+    chat = Chat(model, dataclasses.replace(GREEDY, max_new_tokens=40))
+    chat.upload(SAMPLES[0])
+    chat.ask("Which language?")
+    assert chat.answer() == odd  # the user sees what the model said
+    chat.ask("And the star?")
+    prompt = chat.conv.prompt()
+    assert n_slots(model, chat) == q  # no slot without an image
+    assert prompt.count("###") == 1 + 3 and prompt.count("Human:") == 2  # no extra turn
+    assert "###Assistant: C" in prompt and "<ImageHere>" not in prompt.split("Assistant:")[1]
+    for i in range(12):  # the context cut drops the odd answer, never treats it as an image
+        assert chat.answer() == odd
+        assert n_slots(model, chat) == q and len(chat.images) == 1
+        chat.ask(f"Question {i}: where is the star, and what colour is the circle? " * 3)
+    assert any("removed" in n and "oldest" in n for n in chat.notices)
+    assert chat.conv.messages[0] == ["Human", IMAGE_MESSAGE]
 
 
 # --- streaming and batches --------------------------------------------------------------------
@@ -253,8 +307,8 @@ def test_stream_yields_the_answer_in_pieces(model):
     chat = Chat(model, GREEDY)
     chat.upload(SAMPLES[0])
     pieces = list(chat.stream("Describe this image in detail."))
-    assert pieces and "###" not in "".join(pieces)
-    assert sanitize("".join(pieces)) == chat.conv.messages[-1][1]
+    assert len(pieces) > 1 and "###" not in "".join(pieces)
+    assert "".join(pieces) == chat.conv.messages[-1][1]
     beams = list(chat.stream("How many objects are there?",
                              dataclasses.replace(GREEDY, num_beams=2, max_new_tokens=12)))
     assert beams == [chat.conv.messages[-1][1]]  # beam search: one piece
@@ -272,7 +326,10 @@ def test_stream_reraises_generation_errors(model, monkeypatch):
         list(chat.stream("What colour is the star?"))
     monkeypatch.undo()
     assert chat.conv.messages[-1][0] == "Human"
-    assert isinstance(chat.answer(), str)
+    fresh = Chat(model, SHORT)
+    fresh.upload(SAMPLES[0])
+    fresh.ask("What colour is the star?")
+    assert chat.answer() == fresh.answer()  # the chat is as if the failure had never happened
 
 
 def test_answer_batch_equals_single_answers(model):

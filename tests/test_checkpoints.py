@@ -1,8 +1,12 @@
 """The official projection checkpoint, our safetensors folders, and unsafe or broken files."""
 
+import http.server
+import json
 import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +117,6 @@ def test_8bit_llm_on_cpu_forward_and_backward(llama_dir):
 def test_cli_info_prints_exact_counts():
     out = subprocess.run([sys.executable, "-m", "minigpt4_lite", "info", "--preset",
                           "minigpt4-7b", "--json"], capture_output=True, text=True, check=True)
-    import json
     counts = json.loads(out.stdout)
     assert counts == {"vision_params": 985952256, "qformer_params": 105137664,
                       "query_tokens": 24576, "llm_params": 6738423808,
@@ -131,3 +134,85 @@ def test_cli_bad_checkpoint_is_one_line_error(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# --- hub failures say what failed ---------------------------------------------------------------
+class _HubAnswers(http.server.BaseHTTPRequestHandler):
+    """Answers as the hub sends them (status + `X-Error-Code`) for a few repositories."""
+
+    ANSWERS = {"org/private": (401, "RepoNotFound"), "org/gated": (403, "GatedRepo"),
+               "org/empty": (404, "EntryNotFound")}
+
+    def do_HEAD(self):
+        repo = "/".join(self.path.strip("/").split("/")[:2])
+        status, code = self.ANSWERS.get(repo, (404, "RepoNotFound"))
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hub_failures_say_what_failed(tmp_path):
+    """Auth, gated and missing-file answers of a hub endpoint, each with its own sentence."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubAnswers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = (
+        "import json\n"
+        "from minigpt4_lite.checkpoints import _visual_shards\n"
+        "out = {}\n"
+        "for source in ('org/private', 'org/gated', 'org/empty'):\n"
+        "    try:\n"
+        "        _visual_shards(source)\n"
+        "    except Exception as e:\n"
+        "        out[source] = f'{type(e).__name__}: {e}'\n"
+        "print(json.dumps(out))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}",
+               HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env=env, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["org/private"].startswith("CheckpointError: 'org/private' is neither a folder")
+    assert "log in" in got["org/private"] and "401" in got["org/private"]
+    assert got["org/gated"].startswith("CheckpointError: 'org/gated' is a gated hub repository")
+    assert got["org/empty"].startswith("CheckpointError: No BLIP-2 safetensors in 'org/empty'")
+    assert not any("No BLIP-2" in got[s] for s in ("org/private", "org/gated"))
+
+
+def test_offline_and_bad_sources_are_named():
+    from huggingface_hub import constants
+
+    from minigpt4_lite.checkpoints import _visual_shards, resolve_file
+
+    if not constants.HF_HUB_OFFLINE:
+        pytest.skip("this test runs offline (HF_HUB_OFFLINE=1, set by conftest)")
+    with pytest.raises(CheckpointError, match=r"Cannot download .*config.json: the hub cannot be "
+                                              r"reached.*not in the local cache"):
+        resolve_file("Salesforce/blip2-flan-t5-xxl-not-cached", "config.json")
+    with pytest.raises(CheckpointError, match="neither a folder on this machine nor a valid hub"):
+        resolve_file("/models/blip2-flan-t5-xxl", "config.json")  # a folder that is not there
+    with pytest.raises(CheckpointError, match="the hub cannot be reached") as e:
+        _visual_shards("Salesforce/blip2-flan-t5-xxl-not-cached")  # what load_blip2_visual reads
+    assert "No BLIP-2" not in str(e.value)
+
+
+def test_saved_configs_name_assets_relative_to_the_package(tmp_path):
+    # a config saved in one clone must mean the same in another: no machine-specific paths
+    from minigpt4_lite.config import ASSETS, MiniGPT4Config, preset
+
+    cfg = preset("tiny")
+    cfg.save(tmp_path / "config.json")
+    text = (tmp_path / "config.json").read_text()
+    assert str(ASSETS) not in text and '"{assets}/llm"' in text
+    assert MiniGPT4Config.load(tmp_path / "config.json") == cfg
+    for shipped in (ASSETS / "projections").glob("*/config.json"):
+        assert str(ASSETS.parent) not in shipped.read_text(), shipped

@@ -66,6 +66,25 @@ def test_answers_are_matched_as_whole_words():
     assert not answer_correct("It is blueish.", "blue")
 
 
+@pytest.mark.parametrize("answer", ["The red square is in the top center.",
+                                    "It is in the bottom center.",
+                                    "You can find it in the middle left."])
+def test_a_position_answer_names_the_exact_cell(answer):
+    # "center" is inside "top center" and "bottom center": whole words alone would accept them
+    assert not answer_correct(answer, "center")
+    assert answer_correct("It is in the center.", "center")
+    assert answer_correct("The star is in the bottom center.", "bottom center")
+    assert not answer_correct("The star is in the bottom left.", "bottom center")
+
+
+def test_a_short_answer_counts_by_the_first_value_it_names():
+    assert answer_correct("The star is red, not blue.", "red")
+    assert not answer_correct("It is blue or red.", "red")
+    assert not answer_correct("Yes... no, there is no red star.", "no")
+    assert answer_correct("There are two shapes: a red star and one circle.", "two")
+    assert not answer_correct("It is in the top left or in the center.", "center")
+
+
 def test_qa_items_cycle_kinds_and_ask_yes_and_no_equally():
     scenes = tw.make_scenes("heldout", 200)
     items = qa_items(scenes)

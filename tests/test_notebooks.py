@@ -93,3 +93,22 @@ def test_root_readme_links_every_chapter():
 def test_notebooks_readme_links_every_chapter():
     linked = _linked(NOTEBOOKS / "README.md", LOCAL_LINK)
     assert linked == set(CHAPTERS)
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_no_helpers_defined_in_cells(name):
+    """Drawing helpers live in `minigpt4_lite.viz`, where tests check them: a helper defined in a
+    cell once drew chapter 2's texts under the wrong scenes, and nothing could notice."""
+    defined = [m for c in code_cells(load(name))
+               for m in re.findall(r"^\s*(?:async\s+)?(?:def|class)\s+(\w+)", source(c), re.M)]
+    assert not defined, f"{name} defines {defined} in a cell: move them to minigpt4_lite.viz"
+
+
+@pytest.mark.parametrize("name", ["02_stage1_pretraining", "03_stage2_finetuning"])
+def test_training_chapters_read_their_seed_from_the_environment(name):
+    """test_notebooks_perturbed.py re-runs these with another MINIGPT4_LITE_SEED; the seed lines
+    must read it, or that run would silently repeat the stored one."""
+    code = "\n".join(source(c) for c in code_cells(load(name)))
+    assert 'SEED = int(os.environ.get("MINIGPT4_LITE_SEED", 42))' in code
+    assert re.search(r"recipe\([^)]*\bseed=SEED\b", code), "train(...) must use SEED"
+    assert "manual_seed(42)" not in code

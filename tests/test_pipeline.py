@@ -66,3 +66,70 @@ def test_ablations_reduced(tmp_path):
     assert "58.2 / 32.2" in table and "1.62" in table
     assert "**no Q-Former**" in table and "**Stage-1 data** (10%" in table  # the discussion
     assert json.loads((tmp_path / "ablations.json").read_text())["n_eval"] == 2
+
+
+# --- the ablation discussion is computed from the rows -------------------------------------------
+def _row(qa: float, failure: float, hallucination: float = 0.0, params: int = 33024,
+         seconds: float = 100.0, caption: float = 0.9) -> dict:
+    return {"qa": {"accuracy": qa},
+            "detailed": {"failure_rate": failure, "hallucination_rate": hallucination,
+                         "object_recall": 0.9},
+            "caption": {"object_recall": caption},
+            "trainable_params": params, "train_seconds": seconds}
+
+
+def _discussion(rows: dict, n_eval: int = 100, **extra) -> dict[str, str]:
+    from minigpt4_lite.pipeline import ablation_discussion
+
+    lines = ablation_discussion({"rows": rows, "n_eval": n_eval, **extra})
+    return {line.split("**")[1]: line for line in lines}
+
+
+def test_ablation_verdicts_follow_the_rows():
+    """Swap which row wins and the sentence, its figures and the agreement with the paper swap."""
+    base = _row(0.70, 0.10)
+    worse = _discussion({"linear (MiniGPT-4)": base, "3-layer MLP": _row(0.50, 0.30,
+                                                                           params=164608)})
+    mlp = worse["3-layer MLP"]
+    assert "worse than the linear projection" in mlp and "Q&A 0.50 vs 0.70" in mlp
+    assert "agrees" in mlp and "differs" not in mlp  # the paper found the MLP worse too
+    assert "164,608 parameters (5.0x" in mlp
+
+    better = _discussion({"linear (MiniGPT-4)": base, "3-layer MLP": _row(0.90, 0.02)})
+    mlp = better["3-layer MLP"]
+    assert "better than the linear projection" in mlp and "Q&A 0.90 vs 0.70" in mlp
+    assert "differs" in mlp and "agrees" not in mlp
+
+    tie = _discussion({"linear (MiniGPT-4)": base, "no Q-Former": _row(0.72, 0.08)})
+    assert "about equal to" in tie["no Q-Former"]  # 0.02 gaps on 100 scenes are within noise
+    assert "about equal to" not in _discussion(
+        {"linear (MiniGPT-4)": base, "no Q-Former": _row(0.72, 0.08)}, n_eval=100000
+    )["no Q-Former"]
+
+
+def test_ablation_commentary_is_labelled_and_only_where_it_fits():
+    """Explanations that are not measured are marked, and only follow a verdict they explain."""
+    from minigpt4_lite.pipeline import COMMENTARY
+
+    base = _row(0.70, 0.10)
+    rows = {"linear (MiniGPT-4)": base, "no Q-Former": _row(0.50, 0.30),
+            "finetuned Q-Former": _row(0.90, 0.02)}
+    lines = _discussion(rows)
+    assert f"{COMMENTARY}: the projection then reads 4 concatenated" in lines["no Q-Former"]
+    assert COMMENTARY not in lines["finetuned Q-Former"]  # it won: "moves the features" is moot
+    for line in lines.values():  # every sentence before the label is computed
+        assert "Context:" not in line
+
+
+def test_stage1_data_sentence_follows_the_rows():
+    base = _row(0.70, 0.10, caption=0.94)
+    rising = _discussion({"linear (MiniGPT-4)": base, "stage-1 data 10%": _row(0.40, 0.50),
+                          "stage-1 data 100%": base}, n_train=5000)["Stage-1 data"]
+    assert "aligned on 100% of the captions is better than the one aligned on 10%" in rising
+    assert "agrees" in rising and "Commentary" not in rising
+    assert "10%: caption recall 0.90 / Q&A 0.40 / failure 0.50" in rising
+
+    flat = _discussion({"linear (MiniGPT-4)": base, "stage-1 data 10%": _row(0.66, 0.04),
+                        "stage-1 data 100%": base}, n_train=5000)["Stage-1 data"]
+    assert "is worse than the one aligned on 10%" in flat and "differs" in flat
+    assert "Commentary, not measured" in flat and "500 scenes" in flat

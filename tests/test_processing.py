@@ -161,6 +161,152 @@ def test_crop_params_deterministic():
     assert p1 == p2
 
 
+# --------------------------------------------------------------------------- = torchvision
+# The official code preprocesses with torchvision (LAVIS' Blip2ImageEvalProcessor and
+# Blip2ImageTrainProcessor). We compare ours, bit for bit, on real photos (the PNGs that ship in
+# scikit-image), with a transcription of what torchvision does on a PIL image:
+#   Resize((s, s), BICUBIC)       -> img.resize((s, s), Image.BICUBIC), skipped if already s x s
+#   RandomResizedCrop.get_params  -> the loop below, drawing from torch's global generator
+#   resized_crop                  -> img.crop(box), then the Resize above
+#   ToTensor, Normalize           -> uint8 HWC -> float32 CHW / 255, then (x - mean) / std
+# The crop parameters are also pinned to values recorded from torchvision 0.28's own get_params,
+# and, where torchvision imports, the last test compares with it directly.
+OFFICIAL_MEAN = (0.48145466, 0.4578275, 0.40821073)  # written out: not taken from the module
+OFFICIAL_STD = (0.26862954, 0.26130258, 0.27577711)
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png")  # 512x512, 451x300, 600x400
+
+
+def photo(name: str) -> Path:
+    """The path of one of scikit-image's sample photos (in the test extra; not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("scikit-image is missing: install the test extra, pip install -e '.[test]'")
+    return Path(spec.submodule_search_locations[0]) / "data" / name
+
+
+def tv_get_params(width: int, height: int, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params (global generator): (top, left, h, w)."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(np.sqrt(target_area * aspect_ratio)))
+        h = int(round(np.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def tv_resize(img: Image.Image, size: int) -> Image.Image:
+    return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
+
+
+def tv_to_tensor_normalize(img: Image.Image) -> torch.Tensor:
+    x = torch.from_numpy(np.array(img, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    x = x.to(torch.float32).div(255)
+    mean = torch.as_tensor(OFFICIAL_MEAN, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.as_tensor(OFFICIAL_STD, dtype=torch.float32).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def tv_eval(img: Image.Image, size: int = 224) -> torch.Tensor:
+    return tv_to_tensor_normalize(tv_resize(img, size))
+
+
+def tv_train(img: Image.Image, seed: int, size: int = 224) -> torch.Tensor:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        top, left, h, w = tv_get_params(*img.size)
+    return tv_to_tensor_normalize(tv_resize(img.crop((left, top, left + w, top + h)), size))
+
+
+def assert_same_pixels(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    assert ours.shape == reference.shape and ours.dtype == reference.dtype == torch.float32
+    diff = (ours - reference).abs().max().item()
+    assert torch.equal(ours, reference), f"differs from torchvision by up to {diff}"
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_eval_transform_equals_torchvision_on_real_photos(name):
+    """Blip2ImageEvalProcessor: the processor's output is torchvision's, bit for bit."""
+    img = Image.open(photo(name)).convert("RGB")
+    assert img.size[0] > 224 and img.size[1] > 224  # a real downscale, as in the chat
+    assert_same_pixels(ImageProcessor(224)(photo(name)), tv_eval(img))
+    assert_same_pixels(image_to_tensor(img, 224), tv_eval(img))
+    assert_same_pixels(image_to_tensor(img, 600), tv_eval(img, 600))  # an upscale too
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_train_crops_equal_torchvision_on_real_photos(name):
+    """Blip2ImageTrainProcessor: the same crop and the same pixels for the same seed."""
+    img = Image.open(photo(name)).convert("RGB")
+    proc = ImageProcessor(224, train=True)
+    for seed in range(12):
+        ours = proc(photo(name), generator=torch.Generator().manual_seed(seed))
+        assert_same_pixels(ours, tv_train(img, seed))
+
+
+@pytest.mark.parametrize(("width", "height"), [(512, 512), (451, 300), (300, 451), (640, 10),
+                                               (10, 640), (3, 2), (1, 1), (224, 224)])
+def test_crop_params_equal_torchvision_sampling(width, height):
+    """A generator seeded with s gives the crops torchvision draws after torch.manual_seed(s)."""
+    for seed in range(100):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            expected = tv_get_params(width, height)
+            torch.manual_seed(seed)
+            assert random_resized_crop_params(width, height) == expected  # global generator
+        g = torch.Generator().manual_seed(seed)
+        assert random_resized_crop_params(width, height, generator=g) == expected
+
+
+def test_crop_params_equal_values_recorded_from_torchvision():
+    """Recorded with torchvision 0.28: torch.manual_seed(0), then get_params three times."""
+    recorded = {
+        (512, 512): [(8, 30, 410, 478), (22, 50, 398, 430), (77, 18, 420, 454)],
+        (451, 300): [(5, 24, 295, 344), (7, 77, 286, 309), (10, 179, 289, 239)],
+        (640, 10): [(0, 313, 10, 13)] * 3,  # every try fails: the central fallback crop
+        (3, 2): [(0, 0, 2, 2), (0, 1, 2, 2), (0, 0, 2, 2)],
+    }
+    for (width, height), crops in recorded.items():
+        g = torch.Generator().manual_seed(0)
+        assert [random_resized_crop_params(width, height, generator=g) for _ in crops] == crops
+
+
+def test_equals_torchvision_itself_where_it_imports():
+    """Where torchvision works beside this torch, compare with its transforms directly."""
+    try:
+        from torchvision import transforms as T
+    except Exception as exc:  # noqa: BLE001 - absent, or a build for another torch (CUDA/CPU)
+        pytest.skip(f"torchvision cannot be imported here ({type(exc).__name__}: {exc})")
+    bicubic = T.InterpolationMode.BICUBIC
+    normalize = T.Normalize(OFFICIAL_MEAN, OFFICIAL_STD)
+    evaluate = T.Compose([T.Resize((224, 224), interpolation=bicubic), T.ToTensor(), normalize])
+    train = T.Compose([T.RandomResizedCrop(224, scale=(0.5, 1.0), interpolation=bicubic),
+                       T.ToTensor(), normalize])
+    for name in PHOTOS:
+        img = Image.open(photo(name)).convert("RGB")
+        assert_same_pixels(ImageProcessor(224)(photo(name)), evaluate(img))
+        for seed in range(3):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                expected = train(img)
+            ours = ImageProcessor(224, train=True)(img, torch.Generator().manual_seed(seed))
+            assert_same_pixels(ours, expected)
+
+
 # --------------------------------------------------------------------------- ImageProcessor
 def test_processor_from_path_and_tensor_passthrough(tmp_path):
     path = save(noise(30, 20), tmp_path / "x.png")

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
-from matplotlib.figure import Figure
 
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite import viz
 from minigpt4_lite.checkpoints import load_model, load_projection
 from minigpt4_lite.config import MiniGPT4Config, preset
 from minigpt4_lite.data import Sample, image_tensor, stage2_prompt
+from minigpt4_lite.errors import DataError
 
 matplotlib.use("Agg")  # no window, whatever the machine
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -59,11 +60,19 @@ def grid(model):
     return model.cfg.vision.image_size // model.cfg.vision.patch_size
 
 
+def heatmaps_drawn(fig) -> list[np.ndarray]:
+    """The heatmaps a figure shows: the second image of every panel that has two (image, map)."""
+    return [np.asarray(ax.images[1].get_array()) for ax in fig.axes if len(ax.images) == 2]
+
+
 @pytest.mark.parametrize("layer,heads", [("mean", "mean"), (0, 1), (-1, "mean")])
 def test_cross_attention_rows_are_distributions(model, layer, heads):
     fig, d = viz.qformer_cross_attention(model, pixels(model)[0], layer=layer, heads=heads)
     Q, g = model.cfg.num_visual_tokens, grid(model)
-    assert isinstance(fig, Figure)
+    drawn = heatmaps_drawn(fig)  # one panel per query, showing that query's map
+    assert len(drawn) == Q
+    for q in range(Q):
+        np.testing.assert_allclose(drawn[q], d["patch_attention"][q].numpy())
     assert d["attention"].shape == (Q, 1 + g * g)
     torch.testing.assert_close(d["attention"].sum(-1), torch.ones(Q))
     torch.testing.assert_close(d["cls_mass"], d["attention"][:, 0])
@@ -74,7 +83,15 @@ def test_cross_attention_rows_are_distributions(model, layer, heads):
 def test_llm_attention_to_image(model):
     before = model.llm.config._attn_implementation
     fig, d = viz.llm_attention_to_image(model, pixels(model)[0], max_new_tokens=12)
-    assert isinstance(fig, Figure)
+    bars = fig.axes[0].containers  # one stacked bar series per part of the attention
+    assert len(bars) == len(d["mass"])
+    for series, values in zip(bars, d["mass"].values()):
+        np.testing.assert_allclose([b.get_height() for b in series], values.numpy(), rtol=1e-6)
+    shown = d["content_words"][:8]  # the heatmaps of the first content words, in order
+    drawn = heatmaps_drawn(fig)
+    assert len(drawn) == len(shown)
+    for i, heat in zip(shown, drawn):
+        np.testing.assert_allclose(heat, d["heatmaps"][i].numpy())
     assert model.llm.config._attn_implementation == before  # eager only inside the function
     W, Q, g = len(d["words"]), model.cfg.num_visual_tokens, grid(model)
     assert W > 0 and len(d["token_spans"]) == W
@@ -96,7 +113,13 @@ def test_projected_token_lens(model):
     n_layers = model.llm.config.num_hidden_layers
     fig, d = viz.projected_token_lens(model, pixels(model)[0], k=3, layers=(1, n_layers))
     Q = model.cfg.num_visual_tokens
-    assert isinstance(fig, Figure)
+    tables = [t for ax in fig.axes for t in ax.tables]  # one per query shown (at most 12)
+    assert len(tables) == min(Q, 12)
+    for q, table in enumerate(tables):
+        cells = table.get_celld()
+        for j, (word, cos) in enumerate(d["nearest"][q]):
+            assert cells[(j + 1, 0)].get_text().get_text() == f"{word} {cos:.2f}"
+            assert cells[(j + 1, 2)].get_text().get_text() == d["logit_lens"][n_layers][q][j]
     assert d["nearest_ids"].shape == d["cos"].shape == (Q, 3)
     assert (d["cos"][:, :-1] >= d["cos"][:, 1:]).all()  # sorted, nearest first
     assert set(d["logit_lens"]) == {1, n_layers}
@@ -111,7 +134,12 @@ def test_alignment_pca_accepts_models_modules_and_state_dicts(model):
     batch, scenes = pixels(model, 4), tw.make_scenes("heldout", 4)
     fig, d = viz.alignment_pca({"untrained": untrained, "module": model.llama_proj,
                                 "model": model}, batch, model=model, scenes=scenes)
-    assert isinstance(fig, Figure)
+    panels = [ax for ax in fig.axes if ax.get_xlabel().startswith("PC1")]  # not the colorbars
+    assert len(panels) == len(viz.WORD_GROUPS) * 3
+    for ax, (group, name) in zip(panels, [(g, n) for g in viz.WORD_GROUPS
+                                          for n in ("untrained", "module", "model")]):
+        np.testing.assert_allclose(ax.collections[0].get_offsets(),
+                                   d[group]["xy"][name].numpy(), rtol=1e-5, atol=1e-5)
     Q = model.cfg.num_visual_tokens
     for group, words in viz.WORD_GROUPS.items():
         assert d[group]["word_xy"].shape == (len(words), 2)
@@ -127,7 +155,9 @@ def test_alignment_pca_accepts_models_modules_and_state_dicts(model):
 def test_training_curves():
     history = [{"step": i + 1, "loss": 2.0, "lr": 1e-3} for i in range(30)]
     fig, d = viz.training_curves(history)
-    assert isinstance(fig, Figure)
+    loss_line, ema_line = fig.axes[0].get_lines()
+    assert list(loss_line.get_ydata()) == [2.0] * 30
+    np.testing.assert_allclose(ema_line.get_ydata(), d["training"]["smoothed"])
     assert d["training"]["smoothed"] == pytest.approx([2.0] * 30)  # EMA is bias-corrected
     fig, d = viz.training_curves({"stage 1": history, "stage 2": history[:5]})
     assert list(d) == ["stage 1", "stage 2"] and len(fig.axes) == 4  # two panels + twin axes
@@ -174,3 +204,80 @@ def test_lens_hit_rate_stage2_beats_untrained():
     load_projection(model, STAGE2)
     stage2 = viz.lens_hit_rate(model, scenes, k=5)
     assert stage2 >= untrained + 0.3, (untrained, stage2)
+
+
+# --- the workbook's pictures ----------------------------------------------------------------------
+def drawn_text(ax) -> str:
+    """Everything written in an axes' texts, with the wrapping undone."""
+    return " ".join(" ".join(t.get_text().split()) for t in ax.texts)
+
+
+def test_scene_texts_draws_each_scene_above_its_own_texts():
+    """Chapter 2 once drew scenes 0-2's texts under scenes 4-6: every panel must match."""
+    scenes = tw.make_scenes("heldout", 8)
+    texts = {"truth": [tw.scene_in_words(s) for s in scenes],
+             "id": [f"text of scene {i}." for i in range(len(scenes))]}
+    fig, data = viz.scene_texts(scenes, texts, show=[4, 5, 6])
+    assert [d["index"] for d in data] == [4, 5, 6]
+    assert len(fig.axes) == 3
+    for ax, i in zip(fig.axes, [4, 5, 6]):
+        picture = np.asarray(ax.images[0].get_array())
+        assert np.array_equal(picture, np.asarray(tw.render(scenes[i], 120))), f"panel {i}"
+        written = drawn_text(ax)
+        assert f"truth: {tw.scene_in_words(scenes[i])}" in written
+        assert f"id: text of scene {i}." in written
+        others = [j for j in range(len(scenes)) if j != i]
+        assert not any(f"text of scene {j}." in written for j in others)
+
+
+def test_scene_texts_refuses_texts_not_aligned_with_the_scenes():
+    """The old call: three scenes, but the texts of all 50 (indexed from 0): a clear error."""
+    scenes = tw.make_scenes("heldout", 8)
+    texts = [tw.scene_in_words(s) for s in scenes]
+    with pytest.raises(DataError, match=r"texts\['detailed'\] holds 8 texts for 3 scenes"):
+        viz.scene_texts(scenes[4:7], {"detailed": texts})
+    fig, data = viz.scene_texts(scenes[4:7], {"detailed": texts[4:7]})  # aligned: fine
+    assert [d["texts"]["detailed"] for d in data] == texts[4:7]
+
+
+def test_loss_mask_marks_bos_prompt_image_and_answer(model):
+    prompt = stage2_prompt("Describe this image in detail.")
+    examples = {"stage 1": model.build_example(None, "a red circle", "\n", 32),
+                "stage 2": model.build_example(prompt, "a red circle", "###", 160)}
+    fig, data = viz.loss_mask(model.tokenizer, examples)
+    assert list(data) == ["stage 1", "stage 2"] and len(fig.axes) == 2
+    Q = model.cfg.num_visual_tokens
+    for (title, ex), ax in zip(examples.items(), fig.axes):
+        kinds = [c["kind"] for c in data[title]]
+        assert len(kinds) == len(ex.ids) and kinds[0] == "BOS"
+        assert [k == "image" for k in kinds] == [t == -1 for t in ex.ids]
+        assert kinds.count("image") == Q
+        assert [k == "answer" for k in kinds] == [label != -100 for label in ex.labels]
+        drawn = [t.get_text() for t in ax.texts]  # per position: the token, then its label
+        assert drawn[1::2] == [str(label) for label in ex.labels]
+        answer = [c["text"] for c in data[title] if c["kind"] == "answer"]
+        assert "".join(answer).startswith("aredcircle")
+    assert "prompt" not in [c["kind"] for c in data["stage 1"]]  # stage 1 has no prompt
+    assert "prompt" in [c["kind"] for c in data["stage 2"]]
+
+
+def test_live_loss_records_every_step_and_draws_the_last():
+    live = viz.LiveLoss(total=25, every=10)
+    for step in range(1, 26):
+        live({"step": step, "loss": 1.0 / step})
+    x, y = live.line.get_data()
+    assert list(x) == list(range(1, 26))  # 25 is not a multiple of 10: drawn all the same
+    assert list(y) == pytest.approx([1.0 / s for s in range(1, 26)])
+    assert live.ax.get_title() == "stage 1, step 25: loss 0.040"
+    assert live.handle is None  # outside a notebook nothing is displayed
+
+
+def test_metrics_table_rows_and_columns():
+    results = {"untrained": {"caption": {"object_recall": 0.03, "mean_words": 11.26}},
+               "trained": {"caption": {"object_recall": 0.952, "mean_words": 12.0}}}
+    lines = viz.metrics_table(results, "caption", ("object_recall", "mean_words"),
+                              title="caption (50 held-out scenes)").splitlines()
+    assert lines[0].split() == ["caption", "(50", "held-out", "scenes)", "object_recall",
+                                "mean_words"]
+    assert lines[1].split() == ["untrained", "0.030", "11.260"]
+    assert lines[2].split() == ["trained", "0.952", "12.000"]

@@ -66,6 +66,16 @@ def test_send_answers_in_the_transcript(widget):
     assert len(widget.chat.conv.messages) == 4  # a multi-turn conversation
 
 
+def test_a_list_answer_is_shown_line_by_line(widget, scripted_answer):
+    """The transcript shows the answer as generated: a list keeps its lines."""
+    answer = "Objects:\n1. a red star\n2. <b>a blue circle</b>"
+    scripted_answer(widget.chat.model, answer + "###")
+    widget.text.value = "List the objects."
+    assert widget.history[-1] == ("assistant", answer)
+    assert "Objects:<br>1. a red star<br>2. &lt;b&gt;a blue circle&lt;/b&gt;" in \
+        widget.transcript.value
+
+
 def test_send_button_and_greedy_is_repeatable(model):
     a, b = chat_widget(model), chat_widget(model)
     for widget in (a, b):

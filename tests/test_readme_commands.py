@@ -1,0 +1,281 @@
+"""Every command the READMEs show works as printed (README.md and notebooks/README.md).
+
+The commands are read from the files themselves: each line of a ```bash block, and each inline
+`code` span that starts like a command (`python -m minigpt4_lite`, `./run`, `pytest`, `jupyter`,
+`conda`, `pip install`). `how_checked` says how each one is exercised; a command it does not know
+fails `test_every_readme_command_is_covered`, so a new command cannot be added untested.
+
+- fast commands run for real (`info`, `chat --greedy` on a shipped sample);
+- training commands run for real in a temporary folder with a few steps (arguments appended to
+  the printed ones: argparse lets a later option win), in the order the README gives them;
+- long jobs (`demo`, `ablate`, `build-assets`, `curate --compare`) are parsed by the real
+  parser and show `--help`;
+- commands that need the real 7B/13B weights are parsed by the real parser only;
+- `./run` runs with `SKIP_SETUP=1` (the current environment, no pip), `pytest` commands collect,
+  `jupyter nbconvert` executes a one-cell notebook with the printed options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigpt4_lite import toyworld as tw
+from minigpt4_lite.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+READMES = (ROOT / "README.md", ROOT / "notebooks" / "README.md")
+INLINE_STARTS = ("python -m minigpt4_lite ", "./run ", "pytest ", "jupyter ", "conda ",
+                 "pip install ")
+CLI = ["python", "-m", "minigpt4_lite"]
+REAL_PRESETS = ("minigpt4-7b", "minigpt4-13b")
+LONG_JOBS = ("demo", "ablate", "build-assets")
+TRAINING_JOBS = ("train", "eval", "curate")
+# Arguments appended to a training command to make it cheap (a later option overrides).
+CHEAP = {"train": ["--steps", "2", "--n-scenes", "8", "--save-every", "0"],
+         "eval": ["--n-eval", "2"], "curate": ["--n", "2"]}
+
+
+def bash_commands(path: Path) -> list[list[str]]:
+    """The commands of every ```bash block: one per line (`\\` continues it), comments dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", path.read_text(), re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv:
+                commands.append(argv)
+    return commands
+
+
+def inline_commands(path: Path) -> list[str]:
+    """Inline `code` spans of the file that are commands (`INLINE_STARTS`)."""
+    return [span for span in re.findall(r"`([^`\n]+)`", path.read_text())
+            if span.startswith(INLINE_STARTS)]
+
+
+def all_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of every command in the READMEs; a `a | b | c` synopsis keeps its text."""
+    out = []
+    for path in READMES:
+        where = path.relative_to(ROOT).as_posix()
+        out += [(f"{where} bash", argv) for argv in bash_commands(path)]
+        out += [(f"{where} inline", span.split() if " | " in span else shlex.split(span))
+                for span in inline_commands(path)]
+    return out
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    return argv[3] if argv[:3] == CLI and len(argv) > 3 else None
+
+
+def how_checked(argv: list[str]) -> str | None:
+    """The test that exercises `argv`, or None if no test does."""
+    sub = _subcommand(argv)
+    if sub is not None:
+        if "|" in argv:
+            return "synopsis"  # `python -m minigpt4_lite info | demo | ...`: names subcommands
+        if any(preset in argv for preset in REAL_PRESETS) and sub != "info":
+            return "parse"  # needs the real 7B/13B weights
+        if sub == "info":
+            return "run"
+        if sub == "chat":
+            return "chat"
+        if sub in LONG_JOBS or "--compare" in argv:  # --compare trains stage 2 twice
+            return "help"
+        if sub in TRAINING_JOBS:
+            return "training"
+        return None
+    if argv[:1] == ["./run"] and argv[1:2] in (["demo"], ["test"]):
+        return "run-script"
+    if argv[:2] == ["pytest", "--nbval-lax"]:
+        return "pytest"
+    if argv[:2] == ["jupyter", "nbconvert"]:
+        return "nbconvert"
+    if argv[:2] == ["jupyter", "lab"]:
+        return "jupyter-lab"
+    if argv == ["conda", "env", "create", "-f", "environment.yml"]:
+        return "conda"
+    if argv[:2] == ["pip", "install"]:
+        return "pip"
+    return None
+
+
+def commands_checked_by(kind: str) -> list[list[str]]:
+    found = [argv for _, argv in all_commands() if how_checked(argv) == kind]
+    assert found, f"no README command is checked by {kind!r} any more: remove that test"
+    return found
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
+            "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def _run(argv: list[str], cwd: Path = ROOT, timeout: int = 600, **env) -> str:
+    """Run a README command with this interpreter (for `python`); returns stdout, asserts exit 0."""
+    if argv[0] == "python":
+        argv = [sys.executable, *argv[1:]]
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**_env(), **env})
+    assert done.returncode == 0, f"{shlex.join(argv)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_readmes_have_commands():
+    commands = all_commands()
+    assert any(where == "README.md bash" for where, _ in commands)
+    assert any(where.startswith("notebooks/README.md") for where, _ in commands)
+
+
+def test_every_readme_command_is_covered():
+    """A command this file does not know how to check fails here: add a check for it."""
+    unknown = [f"{where}: {shlex.join(argv)}" for where, argv in all_commands()
+               if how_checked(argv) is None]
+    assert not unknown, "README commands no test exercises:\n" + "\n".join(unknown)
+
+
+def test_readme_cli_commands_parse():
+    """Every `python -m minigpt4_lite ...` command is accepted by the real argument parser."""
+    parser = build_parser()
+    commands = [argv for _, argv in all_commands()
+                if _subcommand(argv) and how_checked(argv) != "synopsis"]
+    assert len(commands) >= 10
+    for argv in commands:
+        try:
+            parser.parse_args(argv[3:])
+        except SystemExit:
+            pytest.fail(f"the README's `{shlex.join(argv)}` does not parse")
+
+
+def test_readme_synopsis_names_real_subcommands():
+    parser = build_parser()
+    subcommands = set(next(a for a in parser._actions if a.dest == "command").choices)
+    for argv in commands_checked_by("synopsis"):
+        named = {word for word in argv[3:] if word != "|"}
+        assert named <= subcommands, named - subcommands
+        assert subcommands <= named, f"the synopsis misses {subcommands - named}"
+
+
+def test_readme_real_preset_commands_name_their_weights():
+    """The 7B/13B commands cannot run here: their options are valid, and a chat names the
+    projection file and the image (the hub ids of the other parts are the preset's defaults)."""
+    for argv in commands_checked_by("parse"):
+        args = build_parser().parse_args(argv[3:])
+        assert args.preset in REAL_PRESETS
+        if args.command == "chat":
+            assert args.projection and args.image
+
+
+@pytest.mark.slow
+def test_readme_info_commands_run():
+    for argv in commands_checked_by("run"):
+        out = _run(argv)
+        if "--json" in argv:
+            counts = json.loads(out)
+            if "minigpt4-7b" in argv:  # the README quotes these numbers
+                assert counts["projection_params"] == 3_149_824
+                assert counts["trainable_params"] == 3_149_824
+
+
+@pytest.mark.slow
+def test_readme_chat_command_answers_about_the_sample():
+    for argv in commands_checked_by("chat"):
+        image = argv[argv.index("--image") + 1]
+        assert (ROOT / image).is_file(), f"the README's chat example names a missing {image}"
+        answer = _run(argv).strip().lower()
+        assert any(colour in answer for colour in tw.COLOURS), answer
+
+
+@pytest.mark.slow
+def test_readme_training_commands_run_in_order(tmp_path):
+    """train stage 1 -> train stage 2 from it -> eval -> curate, as printed, a few steps each."""
+    ran = []
+    for argv in commands_checked_by("training"):
+        _run([*argv, *CHEAP[_subcommand(argv)]], cwd=tmp_path)
+        ran.append(_subcommand(argv))
+    assert {"train", "eval"} <= set(ran)
+    assert (tmp_path / "runs" / "s2").is_dir()  # stage 2 started from stage 1's folder
+
+
+def test_readme_long_jobs_show_help():
+    for argv in commands_checked_by("help"):
+        assert "usage:" in _run([*argv[:4], "--help"])
+
+
+@pytest.mark.slow
+def test_readme_run_script_commands():
+    """`./run demo` and `./run test` dispatch as printed (no set-up: the current environment)."""
+    venv = str(Path(sys.executable).parent.parent)
+    for argv in commands_checked_by("run-script"):
+        if argv[1] == "demo":
+            assert "usage:" in _run([*argv, "--help"], SKIP_SETUP="1", VENV=venv)
+        else:  # ruff, then pytest collects every test and notebook
+            out = _run([*argv, "--collect-only", "-q"], SKIP_SETUP="1", VENV=venv)
+            assert "tests/test_readme_commands.py" in out and ".ipynb" in out
+
+
+def test_notebook_pytest_commands_collect():
+    for argv in commands_checked_by("pytest"):
+        argv = [a.replace("NN_name", "01_alignment") for a in argv]
+        if not any(a.startswith("notebooks") for a in argv):  # `pytest --nbval-lax` in prose
+            argv.append("notebooks/01_alignment.ipynb")
+        out = _run([sys.executable, "-m", *argv, "--collect-only", "-q"])
+        assert "01_alignment.ipynb" in out
+
+
+@pytest.mark.slow
+def test_notebook_nbconvert_commands_execute(tmp_path):
+    """The printed options, on a one-cell notebook copied to a temporary folder."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    for argv in commands_checked_by("nbconvert"):
+        path = tmp_path / "NN_name.ipynb"
+        nbformat.write(nb, path)
+        args = [str(path) if a.endswith(".ipynb") else a for a in argv[2:]]
+        if not any(a.endswith(".ipynb") for a in args):
+            args.append(str(path))
+        if "--inplace" not in args:
+            args += ["--output-dir", str(tmp_path / "out")]
+        _run([sys.executable, "-m", "jupyter", "nbconvert", *args], cwd=tmp_path)
+        if "--inplace" in args:
+            assert "42" in json.dumps(nbformat.read(path, as_version=4))
+
+
+def test_jupyter_lab_command_exists():
+    for argv in commands_checked_by("jupyter-lab"):
+        assert (ROOT / argv[-1]).is_dir()
+        assert re.match(r"\d+\.", _run([sys.executable, "-m", "jupyterlab", "--version"]))
+
+
+def test_conda_and_pip_commands_name_real_files_and_packages():
+    """No conda or network here: `environment.yml` exists (tests/test_packaging.py checks that it
+    lists what pyproject.toml lists), and every `pip install` argument is a valid requirement."""
+    from packaging.requirements import Requirement
+
+    for argv in commands_checked_by("conda"):
+        assert (ROOT / argv[-1]).is_file()
+    for argv in commands_checked_by("pip"):
+        for spec in argv[2:]:
+            if not spec.startswith("-") and not spec.startswith("."):
+                Requirement(spec)
+
+
+def test_inline_option_fragments_exist():
+    """Prose names options like `build-assets --parts llm`: each such option exists."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for path in READMES:
+        for span in re.findall(r"`([^`\n]+)`", path.read_text()):
+            words = span.split()
+            if words and words[0] in subparsers and len(words) > 1 and words[1].startswith("--"):
+                known = {o for a in subparsers[words[0]]._actions for o in a.option_strings}
+                flags = {w.split("=")[0] for w in words[1:] if w.startswith("--")}
+                assert flags <= known, f"{path.name}: `{span}` names {flags - known}"
