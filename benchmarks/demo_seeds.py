@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="read seeds already run in --out")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--note", default="", help="a sentence printed under the table (conditions)")
     args = p.parse_args(argv)
     runs = {}
     for seed in args.seeds:
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     text = render(runs, machine_line(machine_info("cpu")), command_line("demo_seeds.py", argv),
                   ceiling())
+    if args.note:
+        text += f"\n{args.note}\n"
     print(text)
     if not args.no_write:
         targets = {str(seed): m["targets"] for seed, m in runs.items()}
