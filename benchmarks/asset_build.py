@@ -3,7 +3,7 @@
 The asset build spends most of its time pretraining the tiny LLM on ToyWorld dialogues whose
 lengths run from 10 to 160+ tokens. A random batch is padded to its longest member; `bucketed`
 sorts a pool of `llm_bucket_pool` batches by length first. This benchmark measures, on the real
-build code (`build_assets.pretrain_llm`):
+build code (`toyworld.build_llm.pretrain_llm`):
 
 - the share of computed positions that are real tokens, random vs bucketed batches;
 - seconds per step for: random batches, eager; bucketed, eager; bucketed, compiled (the
@@ -21,34 +21,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
 import random
-import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TQDM_DISABLE", "1")
-
-from minigpt4_lite import build_assets as ba  # noqa: E402
-from minigpt4_lite import toyworld as tw  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1_step import command_line, machine_info, machine_line, write_section  # noqa: E402
+from minigpt4_lite import toyworld as tw
+from minigpt4_lite.speed import bucketed
+from minigpt4_lite.toyworld import build_llm
+from minigpt4_lite.toyworld.recipe import PLAIN, BuildConfig
 
 NAME = "asset_build"
 
 
-def padding_efficiency(wrapper, scenes, batch: int, pool: int, n_batches: int = 64) -> float:
+def padding_efficiency(tokenizer, scenes, batch: int, pool: int, n_batches: int = 64) -> float:
     """Real tokens / computed positions over `n_batches` batches drawn as the build draws them."""
     rng, real, computed, queue = random.Random(0), 0, 0, []
     for _ in range(n_batches):
         if not queue:
             draw = [s for _ in range(pool) for s in rng.sample(scenes, batch)]
-            queue = ba.bucketed(ba.llm_examples(wrapper, draw, rng), batch, rng)
+            queue = bucketed(build_llm.llm_examples(tokenizer, draw, rng), batch, rng)
         lengths = [len(example.ids) for example, _ in queue.pop()]
         real, computed = real + sum(lengths), computed + max(lengths) * len(lengths)
     return real / computed
@@ -72,42 +66,27 @@ class StepTimer:
         pass
 
 
-def time_variant(cfg: ba.BuildConfig, tokenizer, scenes, warmup: int) -> dict:
+def time_variant(cfg: BuildConfig, tokenizer, scenes, warmup: int) -> dict:
+    """Seconds per step of `pretrain_llm` with `cfg` (median and mean after `warmup` steps), the
+    first `warmup` steps in all (compilation included), and the whole call."""
     timers = []
-    original = ba.tqdm
-    ba.tqdm = lambda it, **kw: timers.append(StepTimer(it)) or timers[-1]
+    original = build_llm.tqdm
+    build_llm.tqdm = lambda it, **kw: timers.append(StepTimer(it)) or timers[-1]
     try:
         t0 = time.perf_counter()
-        ba.pretrain_llm(cfg, tokenizer, scenes)
+        build_llm.pretrain_llm(cfg, tokenizer, scenes)
         total = time.perf_counter() - t0
     finally:
-        ba.tqdm = original
+        build_llm.tqdm = original
     times = timers[0].times
     steady = times[warmup:]
     return {"s_per_step": float(np.median(steady)), "mean_s_per_step": float(np.mean(steady)),
             "first_steps_s": float(sum(times[:warmup])), "total_s": total}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=8, help="untimed first steps (compile)")
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args(argv)
-    base = dataclasses.replace(ba.BuildConfig(), **ba.PLAIN)  # the mix of the earlier assets
-    scenes = tw.make_scenes("train", 4000)
-    tokenizer = ba.build_tokenizer(ba.corpus(scenes, random.Random(0)), base.vocab_size)
-    from transformers import LlamaConfig, LlamaForCausalLM
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64,
-                                       intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=1))
-    wrapper = ba._wrapper(llm, tokenizer)  # only its sequence builder is used here
-    efficiency = {1: padding_efficiency(wrapper, scenes, base.llm_batch, 1)}
-    steps = args.steps + args.warmup
-    pool = ba.BuildConfig().llm_bucket_pool
-    efficiency = {1: efficiency[1], pool: padding_efficiency(wrapper, scenes, base.llm_batch, pool)}
-    variants = {
+def variants(pool: int) -> dict[str, dict]:
+    """The build settings compared, as overrides of the `--plain` mix (`PLAIN`)."""
+    return {
         "random batches, eager (`--plain`)": {},
         "random batches, compiled": dict(compile=True),
         f"bucketed (pools of {pool}), eager": dict(llm_bucket_pool=pool),
@@ -116,34 +95,61 @@ def main(argv=None) -> None:
         f"bucketed (pools of {pool}), compiled, `eager_fp32` attention (the default)": dict(
             llm_bucket_pool=pool, compile=True, llm_attention="eager_fp32"),
     }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed first steps (compile)")
+    harness.add_output_args(parser)
+    args = parser.parse_args(argv)
+    base = dataclasses.replace(BuildConfig(), **PLAIN)  # the mix of the earlier assets
+    scenes = tw.make_scenes("train", 4000)
+    tokenizer = build_llm.build_tokenizer(build_llm.corpus(scenes, random.Random(0)),
+                                          base.vocab_size)
+    pool = BuildConfig().llm_bucket_pool
+    efficiency = {n: padding_efficiency(tokenizer, scenes, base.llm_batch, n) for n in (1, pool)}
+    steps = args.steps + args.warmup
     results = {}
-    for name, overrides in variants.items():
+    for name, overrides in variants(pool).items():
         cfg = dataclasses.replace(base, llm_steps=steps, **overrides)
         results[name] = time_variant(cfg, tokenizer, scenes, args.warmup)
         print(name, {k: round(v, 3) for k, v in results[name].items()}, flush=True)
-    ref = results["random batches, eager (`--plain`)"]["s_per_step"]
-    rows = ["| variant | s / step (median) | speed-up | first steps (incl. compile) | "
-            f"{base.llm_steps:,} steps at this rate |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        rows.append(f"| {name} | {r['s_per_step']:.3f} | {ref / r['s_per_step']:.2f}x | "
-                    f"{r['first_steps_s']:.0f} s for {args.warmup} | "
-                    f"{base.llm_steps * r['s_per_step'] / 60:.0f} min |")
-    md = "\n".join(rows)
+    md = table(results, base.llm_steps, args.warmup)
     print(md)
     if args.no_write:
         return
-    command = command_line("asset_build.py", argv)
-    body = f"""## Asset build: the tiny LLM's pretraining step (`benchmarks/asset_build.py`)
+    body = render(md, efficiency, pool, base, args, harness.command_line("asset_build.py", argv))
+    harness.write_section(Path(args.output), NAME, body,
+                          {"efficiency": efficiency, "results": results})
+    print(f"updated {args.output}")
+
+
+def table(results: dict, llm_steps: int, warmup: int) -> str:
+    """One row per variant: median s/step, speed-up over `--plain`, first steps, a whole build."""
+    ref = results["random batches, eager (`--plain`)"]["s_per_step"]
+    rows = ["| variant | s / step (median) | speed-up | first steps (incl. compile) | "
+            f"{llm_steps:,} steps at this rate |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['s_per_step']:.3f} | {ref / r['s_per_step']:.2f}x | "
+                    f"{r['first_steps_s']:.0f} s for {warmup} | "
+                    f"{llm_steps * r['s_per_step'] / 60:.0f} min |")
+    return "\n".join(rows)
+
+
+def render(md: str, efficiency: dict, pool: int, base: BuildConfig, args, command: str) -> str:
+    """The section: padding efficiency, the table, and the notes of earlier whole builds."""
+    return f"""## Asset build: the tiny LLM's pretraining step (`benchmarks/asset_build.py`)
 
 Real tokens per computed position, batches of {base.llm_batch} ToyWorld dialogues as the build
 draws them: **{efficiency[1]:.1%}** for random batches, **{efficiency[pool]:.1%}**
-when a pool of {pool} batches is sorted by length first (`build_assets.bucketed`).
-Seconds per optimizer step of `build_assets.pretrain_llm` ({args.steps} timed steps after
+when a pool of {pool} batches is sorted by length first (`speed.bucketed`).
+Seconds per optimizer step of `build_llm.pretrain_llm` ({args.steps} timed steps after
 {args.warmup} untimed ones, bf16 autocast):
 
 {md}
 
-- machine: {machine_line(machine_info('cpu'))}
+- machine: {harness.machine_line(harness.machine_info('cpu'))}
 - command: `{command}`; date {datetime.date.today().isoformat()}
 - timed on the sequence mix of `--plain` (no multi-turn Q&A dialogues); the default build's
   mix has 15% of them, about as long as its detailed descriptions.
@@ -226,8 +232,6 @@ Seconds per optimizer step of `build_assets.pretrain_llm` ({args.steps} timed st
   (the same demo: 274-311 s; 300 vision steps: 49 s against about 40 s the day before), so the
   30-minute target is met with a small margin.
 """
-    write_section(Path(args.output), NAME, body, {"efficiency": efficiency, "results": results})
-    print(f"updated {args.output}")
 
 
 if __name__ == "__main__":

@@ -23,38 +23,20 @@ Prints a table and writes the `chat_decode` section of BENCHMARKS.md (between it
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
+from harness import WAITING, interleaved, machine_line, sync
+from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("TQDM_DISABLE", "1")
-
-from stage1_step import (  # noqa: E402
-    ROOT,
-    WAITING,
-    build_random_7b,
-    command_line,
-    interleaved,
-    load_average,
-    load_tiny,
-    machine_info,
-    machine_line,
-    merge,
-    read_section_data,
-    sync,
-    tiny_config,
-    wait_for_quiet,
-    write_section,
-)
-
-from minigpt4_lite import chat as C  # noqa: E402
+from minigpt4_lite import chat as C
+from minigpt4_lite.data import image_tensor
+from minigpt4_lite.prompts import CONV_VISION, IMAGE_MESSAGE, build_example, collate
+from minigpt4_lite.toyworld import ToyWorldDataset
 
 NAME = "chat_decode"
 QUESTION = "Describe this image in detail."
@@ -62,8 +44,8 @@ QUESTION = "Describe this image in detail."
 
 def chat_prompt() -> str:
     """The prompt `Chat` builds for: upload an image, ask QUESTION, answer."""
-    conv = C.CONV_VISION.copy()
-    conv.append(conv.roles[0], f"{C.IMAGE_MESSAGE} {QUESTION}")
+    conv = CONV_VISION.copy()
+    conv.append(conv.roles[0], f"{IMAGE_MESSAGE} {QUESTION}")
     conv.append(conv.roles[1], None)
     return conv.prompt()
 
@@ -96,18 +78,16 @@ def never_stop(tok, outputs: list[torch.Tensor]) -> str:
 def load(args):
     """(model, description, image embeddings for 8 images)."""
     if args.preset == "tiny":
-        model, source = load_tiny(args.device)
+        model, source = harness.load_tiny(args.device)
         if args.dtype != "float32":
             model.llm.to(getattr(torch, args.dtype))
-        from minigpt4_lite.data import ToyWorldDataset, image_tensor
         ds = ToyWorldDataset(2, 8, split="heldout")
         pixels = torch.stack([image_tensor(ds[i], model.cfg.vision.image_size)
                               for i in range(8)])
     else:
-        from transformers import AutoTokenizer
         dtype = getattr(torch, args.dtype)
-        model = build_random_7b(args.device, dtype, args.smoke)
-        cfg, _ = tiny_config()  # any real tokenizer will do for random weights: the tiny one
+        model = harness.build_random_7b(args.device, dtype, args.smoke)
+        cfg, _ = harness.tiny_config()  # random weights take any real tokenizer: the tiny one
         model.tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
         if model.tokenizer.pad_token is None:
             model.tokenizer.pad_token = model.tokenizer.unk_token or model.tokenizer.eos_token
@@ -121,79 +101,106 @@ def load(args):
     return model, source, embeds
 
 
+def decoders(model, prompts: list[str], embeds: torch.Tensor, n_new: int):
+    """(plain, ours) for one batch: plain `model.llm.generate` on our input embeddings (left
+    padded, `extra` generate options), and `chat.generate` with a stop string and a KV cache."""
+    tok = model.tokenizer
+    b = collate([build_example(tok, p, n_image_tokens=model.cfg.num_visual_tokens)
+                 for p in prompts], tok.pad_token_id, padding_side="left")
+    inputs = model.embed(b["input_ids"], b["image_mask"], embeds)
+    mask = b["attention_mask"].to(inputs.device)
+
+    def plain(extra=None, n=n_new):
+        with torch.no_grad():
+            return model.llm.generate(inputs_embeds=inputs, attention_mask=mask,
+                                      max_new_tokens=n, do_sample=False,
+                                      pad_token_id=tok.pad_token_id, **(extra or {}))
+
+    def ours(stop, kv_cache="auto", n=n_new):
+        settings = C.GenerationSettings(do_sample=False, max_new_tokens=n, kv_cache=kv_cache)
+        return C.generate(model, prompts, embeds, settings, stop=stop)
+
+    return plain, ours
+
+
+def check_exact(tok, plain, ours) -> tuple[dict, str, torch.Tensor, list]:
+    """(check, timing stop, plain tokens, our generations with that stop): identical greedy
+    tokens, and the real stop `###` cuts the plain output at the same place."""
+    ref = plain()
+    stop = never_stop(tok, [ref])
+    real = ours("###")
+    free = ours(stop)
+    n_plain = [int((row != tok.pad_token_id).sum()) for row in ref]
+    same_steps = [g.n_tokens for g in free] == n_plain
+    same_text = all(g.text == postprocess(tok, row, stop) for g, row in zip(free, ref))
+    cut_ok = all(g.text == postprocess(tok, row, "###") for g, row in zip(real, ref))
+    check = {"identical_tokens": bool(same_steps and same_text), "stop_cut_ok": cut_ok,
+             "answer_tokens_with_stop": [g.n_tokens for g in real],
+             "steps": int(ref.shape[1]), "timing_stop": stop,
+             "answer": real[0].text[:80]}
+    return check, stop, ref, free
+
+
+def add_static_paths(paths: dict, check: dict, plain, ours, stop: str, ref, free,
+                     device: str) -> dict[str, float]:
+    """Add the static-KV-cache paths; their first call (compilation on a GPU) is timed, returned
+    by name, and checked against the dynamic cache's tokens."""
+    first = {}
+    extra = {"cache_implementation": "static"}
+    for name, fn in (("plain, static cache", lambda: plain(extra)),
+                     ("ours, static cache", lambda s=stop: ours(s, "static"))):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()  # compiles on a GPU: the warm-up cost
+        sync(device)
+        first[name] = time.perf_counter() - t
+        if name.startswith("plain"):
+            check["static_identical"] = bool(out.shape == ref.shape and torch.equal(out, ref))
+        else:
+            check["static_ours_identical"] = [g.text for g in out] == [g.text for g in free]
+        paths[name] = fn
+    return first
+
+
+def add_results(results: dict, times: dict, batch_size: int, steps: int, first: dict) -> None:
+    """tokens/s = batch x decode steps / median seconds, per path; and each vs plain `generate`."""
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        results[f"{name}|{batch_size}"] = {
+            "tokens_per_s": batch_size * steps / sec, "ms_per_step": 1e3 * sec / steps,
+            "warmup_s": first.get(name), "spread": (max(ts) - min(ts)) / sec}
+    base = results[f"plain generate|{batch_size}"]["tokens_per_s"]
+    for name in times:
+        r = results[f"{name}|{batch_size}"]
+        r["vs_plain"] = r["tokens_per_s"] / base
+
+
 def run(args) -> dict:
+    """Per batch size: the exactness checks, then plain and ours (and static) interleaved."""
     model, source, all_embeds = load(args)
     tok = model.tokenizer
     prompt = chat_prompt()
     cuda = args.device.startswith("cuda")
     static = args.static if args.static is not None else cuda
-    n_new = args.max_new_tokens
     results, checks = {}, {}
     for batch_size in args.batch:
-        prompts, embeds = [prompt] * batch_size, all_embeds[:batch_size]
-        b = model.collate([model.build_example(p) for p in prompts], padding_side="left")
-        inputs = model.embed(b["input_ids"], b["image_mask"], embeds)
-        mask = b["attention_mask"].to(inputs.device)
-
-        def plain(extra=None, n=n_new, inputs=inputs, mask=mask):
-            with torch.no_grad():
-                return model.llm.generate(inputs_embeds=inputs, attention_mask=mask,
-                                          max_new_tokens=n, do_sample=False,
-                                          pad_token_id=tok.pad_token_id, **(extra or {}))
-
-        def ours(stop, kv_cache="auto", n=n_new, prompts=prompts, embeds=embeds):
-            settings = C.GenerationSettings(do_sample=False, max_new_tokens=n, kv_cache=kv_cache)
-            return C.generate(model, prompts, embeds, settings, stop=stop)
-
-        # checks: identical greedy tokens, and the real stop cuts the plain output
-        ref = plain()
-        stop = never_stop(tok, [ref])
-        real = ours("###")
-        free = ours(stop)
-        n_plain = [int((row != tok.pad_token_id).sum()) for row in ref]
-        same_steps = [g.n_tokens for g in free] == n_plain
-        same_text = all(g.text == postprocess(tok, row, stop) for g, row in zip(free, ref))
-        cut_ok = all(g.text == postprocess(tok, row, "###") for g, row in zip(real, ref))
-        check = {"identical_tokens": bool(same_steps and same_text), "stop_cut_ok": cut_ok,
-                 "answer_tokens_with_stop": [g.n_tokens for g in real],
-                 "steps": int(ref.shape[1]), "timing_stop": stop,
-                 "answer": real[0].text[:80]}
+        plain, ours = decoders(model, [prompt] * batch_size, all_embeds[:batch_size],
+                               args.max_new_tokens)
+        check, stop, ref, free = check_exact(tok, plain, ours)
         paths = {"plain generate": lambda: plain(),
                  "ours (chat.generate)": lambda s=stop: ours(s)}
         first = {}
         if static:
-            extra = {"cache_implementation": "static"}
-            for name, fn in (("plain, static cache", lambda: plain(extra)),
-                             ("ours, static cache", lambda s=stop: ours(s, "static"))):
-                sync(args.device)
-                t = time.perf_counter()
-                out = fn()  # compiles on a GPU: the warm-up cost
-                sync(args.device)
-                first[name] = time.perf_counter() - t
-                if name.startswith("plain"):
-                    check["static_identical"] = bool(
-                        out.shape == ref.shape and torch.equal(out, ref))
-                else:
-                    check["static_ours_identical"] = [g.text for g in out] == [
-                        g.text for g in free]
-                paths[name] = fn
+            first = add_static_paths(paths, check, plain, ours, stop, ref, free, args.device)
         times = interleaved(paths, args.rounds, args.warmup, args.device)
-        steps = check["steps"]
-        for name, ts in times.items():
-            sec = statistics.median(ts)
-            results[f"{name}|{batch_size}"] = {
-                "tokens_per_s": batch_size * steps / sec, "ms_per_step": 1e3 * sec / steps,
-                "warmup_s": first.get(name), "spread": (max(ts) - min(ts)) / sec}
-        base = results[f"plain generate|{batch_size}"]["tokens_per_s"]
-        for name in times:
-            r = results[f"{name}|{batch_size}"]
-            r["vs_plain"] = r["tokens_per_s"] / base
+        add_results(results, times, batch_size, check["steps"], first)
         checks[str(batch_size)] = check
         print(f"batch {batch_size}: {check}")
+    prompt_tokens = len(build_example(tok, prompt, n_image_tokens=model.cfg.num_visual_tokens).ids)
     return {"preset": args.preset, "device": args.device, "dtype": args.dtype,
-            "weights": source, "max_new_tokens": n_new, "results": results, "checks": checks,
-            "rounds": args.rounds, "warmup": args.warmup, "static": static,
-            "prompt_tokens": len(model.build_example(prompt).ids)}
+            "weights": source, "max_new_tokens": args.max_new_tokens, "results": results,
+            "checks": checks, "rounds": args.rounds, "warmup": args.warmup, "static": static,
+            "prompt_tokens": prompt_tokens}
 
 
 def table(r: dict) -> str:
@@ -282,43 +289,27 @@ def main(argv=None) -> None:
     parser.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
                         help="also time a static KV cache (default: on CUDA only)")
     parser.add_argument("--smoke", action="store_true", help="7B code path at tiny shapes")
-    parser.add_argument("--wait-load", type=float, default=0.0)
-    parser.add_argument("--note", default="", help="added to the load line of the section")
-    parser.add_argument("--wait-max", type=float, default=2400.0)
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--merge-from", metavar="FILE",
-                        help="copy the GPU results of FILE's section into --output and exit")
-    parser.add_argument("--no-write", action="store_true")
+    harness.add_load_args(parser)
+    harness.add_output_args(parser, merge_from=True)
     args = parser.parse_args(argv)
     if args.merge_from:
-        merge(Path(args.merge_from), Path(args.output), NAME, render)
+        harness.merge(Path(args.merge_from), Path(args.output), NAME, render)
         return
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here.")
+    harness.check_device(args)
     big = args.preset == "minigpt4-7b"
-    if big and args.device == "cpu" and not args.smoke:
-        raise SystemExit("minigpt4-7b needs CUDA (or --smoke for the same code at tiny shapes).")
     args.dtype = args.dtype or ("bfloat16" if big else "float32")
     args.max_new_tokens = args.max_new_tokens or (128 if big else 64)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    load_note = wait_for_quiet(args.wait_load, args.wait_max)
+    load_note = harness.wait_for_quiet(args.wait_load, args.wait_max)
     r = run(args)
-    r["load"] = load_note + f"; {load_average():.2f} at the end" + (
-        f"; {args.note}" if args.note else "")
-    r["machine"] = machine_info(args.device)
-    r["date"] = datetime.date.today().isoformat()
-    r["command"] = command_line("chat_decode.py", argv)
+    harness.stamp(r, args, load_note, "chat_decode.py", argv)
     print(table(r))
     print("\n".join(check_lines(r)))
     if args.no_write or args.smoke:
         return
-    path = Path(args.output)
-    runs = read_section_data(path, NAME)
-    runs[f"{args.preset}/{args.device.split(':')[0]}"] = r
-    write_section(path, NAME, render(runs), runs)
-    print(f"wrote the {NAME} section of {path}")
+    key = f"{args.preset}/{args.device.split(':')[0]}"
+    harness.store_run(Path(args.output), NAME, key, r, render)
 
 
 if __name__ == "__main__":

@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness
 
-from minigpt4_lite import toyworld as tw  # noqa: E402
-from minigpt4_lite.checkpoints import load_model  # noqa: E402
-from minigpt4_lite.config import preset  # noqa: E402
-from minigpt4_lite.evaluate import QA_KINDS, slot_ceiling  # noqa: E402
-from minigpt4_lite.pipeline import DEMO_TARGETS, run_demo  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1_step import command_line, machine_info, machine_line, write_section  # noqa: E402
+from minigpt4_lite import toyworld as tw
+from minigpt4_lite.checkpoints import load_model
+from minigpt4_lite.config import preset
+from minigpt4_lite.evaluate import QA_KINDS, slot_ceiling
+from minigpt4_lite.pipeline import DEMO_TARGETS, run_demo
 
 NAME = "demo_seeds"
 COLUMNS = {  # column -> how to read it from a demo's metrics.json
@@ -91,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     p.add_argument("--out", default="runs/demo_seeds", help="one demo folder per seed in here")
     p.add_argument("--reuse", action="store_true", help="read seeds already run in --out")
-    p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    p.add_argument("--no-write", action="store_true")
+    harness.add_output_args(p)
     p.add_argument("--note", default="", help="a sentence printed under the table (conditions)")
     args = p.parse_args(argv)
     runs = {}
@@ -104,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             runs[seed] = run_demo(folder, seed=seed)
         print(f"seed {seed}: {json.dumps({n: get(runs[seed]) for n, get in COLUMNS.items()})}",
               flush=True)
-    text = render(runs, machine_line(machine_info("cpu")), command_line("demo_seeds.py", argv),
-                  ceiling())
+    text = render(runs, harness.machine_line(harness.machine_info("cpu")),
+                  harness.command_line("demo_seeds.py", argv), ceiling())
     if args.note:
         text += f"\n{args.note}\n"
     print(text)
     if not args.no_write:
         targets = {str(seed): m["targets"] for seed, m in runs.items()}
-        write_section(Path(args.output), NAME, text, targets)
+        harness.write_section(Path(args.output), NAME, text, targets)
     return 0 if all(all(m["targets"].values()) for m in runs.values()) else 1
 
 

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_all.sh            # on a GPU machine with the repo and its venv
 #
-# Results go to $OUT (a lent machine's return folder) or runs/gpu_benchmarks/: a copy of
+# Results go to the folder $OUT names, if set, or runs/gpu_benchmarks/: a copy of
 # BENCHMARKS.md with the GPU sections filled in, and one log per benchmark. Merge the figures into
 # the repository's BENCHMARKS.md (only the GPU entries of our sections change) with:
 #
@@ -19,8 +19,8 @@
 # near-ties everywhere, so the two cache layouts' rounding decides them. Its timings did not run.
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-[ -x /work/venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=/work/venv/bin/python
+PY=${PYTHON:-python}   # PYTHON=/path/to/python picks the interpreter; else .venv's, if there
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 TOTAL=${GPU_ALL_SECONDS:-530}   # the whole script stays under 9 minutes
 START=$(date +%s)
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

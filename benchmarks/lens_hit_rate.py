@@ -1,6 +1,6 @@
 """Lens hit rate of the untrained, stage-1 and stage-2 projections on held-out ToyWorld scenes.
 
-The lens hit rate (`viz.lens_hits`) is the share of scenes where the top-k cosine-nearest
+The lens hit rate (`interpret.lens_hits`) is the share of scenes where the top-k cosine-nearest
 vocabulary tokens of the projected visual tokens, pooled over all of them, include the colour
 word and the shape word of every object. It asks whether the trained linear layer put the
 visual tokens next to the words that describe the image (paper Sec. 3.1), without generating.
@@ -15,24 +15,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
+from harness import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from minigpt4_lite import toyworld as tw  # noqa: E402
-from minigpt4_lite.checkpoints import load_model, load_projection  # noqa: E402
-from minigpt4_lite.config import preset  # noqa: E402
-from minigpt4_lite.viz import lens_hits  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1_step import write_section  # noqa: E402
+from minigpt4_lite import toyworld as tw
+from minigpt4_lite.checkpoints import load_model, load_projection
+from minigpt4_lite.config import preset
+from minigpt4_lite.interpret import lens_hits
 
 NAME = "lens_hit_rate"
 
@@ -65,8 +59,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=200, help="held-out scenes (default 200)")
     parser.add_argument("--k", type=int, nargs="+", default=[5, 10])
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    harness.add_output_args(parser)
     args = parser.parse_args(argv)
     projections = {"untrained (seed 0)": None,
                    "stage 1": ROOT / "assets" / "projections" / "stage1",
@@ -83,25 +76,23 @@ def main(argv=None) -> None:
     print(f"({seconds:.1f} s)")
     if args.no_write:
         return
-    machine = platform.processor() or platform.machine()
-    command = "python benchmarks/lens_hit_rate.py" + (f" {' '.join(argv or sys.argv[1:])}"
-                                                      if (argv or sys.argv[1:]) else "")
-    body = f"""## Lens hit rate
+    machine = harness.machine_line(harness.machine_info("cpu"))
+    command = harness.command_line("lens_hit_rate.py", argv)
+    body = f"""## Lens hit rate (`benchmarks/lens_hit_rate.py`)
 
 Share of {args.n} held-out ToyWorld scenes where the pooled top-k cosine-nearest vocabulary tokens
 of all projected visual tokens include the colour word and the shape word of every object
 ("scenes"); "objects" is the same test per object; "precision" is the share of the colour and
-shape words in those pooled sets that name something in the scene (`viz.lens_hits`). No
+shape words in those pooled sets that name something in the scene (`interpret.lens_hits`). No
 generation: this reads the projected tokens directly against the LLM's input-embedding table.
 
 {md}
 
-- machine: {machine}, {os.cpu_count()} cores, torch {torch.__version__}, \
-{torch.get_num_threads()} threads; {seconds:.0f} s
+- machine: {machine}; {seconds:.0f} s
 - command: `{command}`
 - date: {datetime.date.today().isoformat()}
 """
-    write_section(Path(args.output), NAME, body)
+    harness.write_section(Path(args.output), NAME, body)
     print(f"updated {args.output}")
 
 

@@ -20,35 +20,21 @@ import argparse
 import datetime
 import gc
 import logging
-import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
+from harness import WAITING, machine_line
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("TQDM_DISABLE", "1")
-
-from stage1_step import (  # noqa: E402
-    ROOT,
-    WAITING,
-    command_line,
-    machine_info,
-    machine_line,
-    random_batch,
-    read_section_data,
-    smoke_7b_arch,
-    tiny_config,
-    to_device,
-    write_section,
-)
-
-from minigpt4_lite import chat as C  # noqa: E402
-from minigpt4_lite.config import QFormerConfig, VisionConfig, preset  # noqa: E402
-from minigpt4_lite.model import MiniGPT4  # noqa: E402
+from minigpt4_lite import chat as C
+from minigpt4_lite.checkpoints import load_llm
+from minigpt4_lite.config import preset
+from minigpt4_lite.model import MiniGPT4
+from minigpt4_lite.prompts import CONV_VISION, IMAGE_MESSAGE
 
 NAME = "memory"
 MODES = ("none", "8bit", "4bit")
@@ -73,26 +59,21 @@ def reset(device: str) -> None:
 
 def save_random_llm(folder: Path, smoke: bool, device: str) -> None:
     """A Vicuna-7B-shaped LLaMA with random bf16 weights + the tiny tokenizer, HF layout."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
     cfg = preset("minigpt4-7b")
-    arch = smoke_7b_arch() if smoke else cfg.llm_arch
+    arch = harness.smoke_7b_arch() if smoke else cfg.llm_arch
     torch.manual_seed(0)
     with torch.device(device):
         llm = AutoModelForCausalLM.from_config(LlamaConfig(**arch), dtype=torch.bfloat16)
     llm.save_pretrained(folder)
     del llm
-    tiny, _ = tiny_config()
+    tiny, _ = harness.tiny_config()
     AutoTokenizer.from_pretrained(tiny.llm).save_pretrained(folder)
 
 
 def build(folder: Path, mode: str, device: str, smoke: bool) -> tuple[MiniGPT4, dict]:
-    from minigpt4_lite.checkpoints import load_llm
-
     cfg = preset("minigpt4-7b", llm=str(folder), quantization=mode, dtype="bfloat16")
     if smoke:
-        cfg.vision = VisionConfig(image_size=28, patch_size=14, width=32, layers=2, heads=4, mlp=64)
-        cfg.qformer = QFormerConfig(hidden=32, layers=2, heads=4, mlp=64)
+        harness.smoke_visual(cfg)
     before = mem(device)
     llm, tok = load_llm(str(folder), quantization=mode, dtype="bfloat16", device=device)
     llm_gib = mem(device) - before
@@ -106,8 +87,8 @@ def chat_peak(model: MiniGPT4, device: str, new_tokens: int) -> float:
     reset(device)
     size = model.cfg.vision.image_size
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    conv = C.CONV_VISION.copy()
-    conv.append(conv.roles[0], f"{C.IMAGE_MESSAGE} Describe this image in detail.")
+    conv = CONV_VISION.copy()
+    conv.append(conv.roles[0], f"{IMAGE_MESSAGE} Describe this image in detail.")
     conv.append(conv.roles[1], None)
     with torch.no_grad():
         embeds = model.encode_image(pixels)
@@ -118,7 +99,7 @@ def chat_peak(model: MiniGPT4, device: str, new_tokens: int) -> float:
 
 def step_peak(model: MiniGPT4, device: str, batch_size: int, cached: bool) -> float:
     """One stage-1 step under bf16 autocast (as `train` on a GPU)."""
-    batch = to_device(random_batch(model, batch_size), device)
+    batch = harness.to_device(harness.random_batch(model, batch_size), device)
     model.train()
     amp = torch.autocast(device_type=device, dtype=torch.bfloat16)
     if cached:
@@ -209,37 +190,34 @@ def main(argv=None) -> None:
     parser.add_argument("--tmp", default=None, help="folder for the random 7B (13.5 GB)")
     parser.add_argument("--smoke", action="store_true",
                         help="run the code at tiny shapes on any device; no figures written")
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--merge-from", metavar="FILE",
-                        help="copy FILE's GPU figures (from gpu_all.sh) into --output, exit")
-    parser.add_argument("--no-write", action="store_true")
+    harness.add_output_args(parser, merge_from=True)
     args = parser.parse_args(argv)
     if args.merge_from:
-        data = read_section_data(Path(args.merge_from), NAME)
+        data = harness.read_section_data(Path(args.merge_from), NAME)
         if not data.get("run"):
             raise SystemExit(f"{args.merge_from} holds no GPU figures for {NAME}.")
-        write_section(Path(args.output), NAME, render(data["run"]), data)
+        harness.write_section(Path(args.output), NAME, render(data["run"]), data)
         print(f"merged the {NAME} figures into {args.output}")
         return
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         print("memory.py measures GPU memory and needs CUDA; nothing to do on this machine.")
         path = Path(args.output)
-        if not args.no_write and not read_section_data(path, NAME):  # keep GPU results
-            write_section(path, NAME, render(None))
+        if not args.no_write and not harness.read_section_data(path, NAME):  # keep GPU results
+            harness.write_section(path, NAME, render(None))
         return
     args.device = "cuda" if cuda else "cpu"
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("minigpt4_lite").setLevel(logging.ERROR)
     rows = measure(args)
-    r = {"rows": rows, "machine": machine_info(args.device), "batch": args.batch,
+    r = {"rows": rows, "machine": harness.machine_info(args.device), "batch": args.batch,
          "new_tokens": args.new_tokens, "date": datetime.date.today().isoformat(),
-         "command": command_line("memory.py", argv)}
+         "command": harness.command_line("memory.py", argv)}
     print(table(rows))
     if args.no_write or args.smoke:
         return
-    write_section(Path(args.output), NAME, render(r), {"run": r})
+    harness.write_section(Path(args.output), NAME, render(r), {"run": r})
     print(f"wrote the {NAME} section of {Path(args.output)}")
 
 

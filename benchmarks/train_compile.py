@@ -5,7 +5,7 @@ every batch has another caption length (dynamic shapes) and compiling costs tens
 This runs the library's `train` for stage 1 of the demo recipe with `compile=False` and
 `compile=True`, for a short and a longer run, from the same seed, and reports the wall time,
 the median step and the first 50 steps (which hold the compilation). `train`'s default
-(`should_compile`, `COMPILE_MIN_STEPS`) is set from these figures.
+(`speed.should_compile`, `speed.COMPILE_MIN_STEPS`) is set from these figures.
 
     python benchmarks/train_compile.py                # 800 and 1,600 steps
 
@@ -21,23 +21,18 @@ import datetime
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from minigpt4_lite.checkpoints import load_model  # noqa: E402
-from minigpt4_lite.config import preset  # noqa: E402
-from minigpt4_lite.data import ToyWorldDataset  # noqa: E402
-from minigpt4_lite.train import COMPILE_MIN_STEPS, recipe, train  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage1_step import command_line, machine_info, machine_line, write_section  # noqa: E402
+from minigpt4_lite.checkpoints import load_model
+from minigpt4_lite.config import preset
+from minigpt4_lite.speed import COMPILE_MIN_STEPS
+from minigpt4_lite.toyworld import ToyWorldDataset
+from minigpt4_lite.train import recipe, train
 
 NAME = "train_compile"
 
@@ -57,8 +52,7 @@ def run(steps: int, compile_: bool) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[800, 1600])
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    harness.add_output_args(parser)
     args = parser.parse_args(argv)
     cache = Path(tempfile.gettempdir()) / f"torchinductor_{os.environ.get('USER', 'root')}"
     shutil.rmtree(cache, ignore_errors=True)  # pay for compiling as a fresh machine does
@@ -81,7 +75,7 @@ def main(argv=None) -> None:
     print(md)
     if args.no_write:
         return
-    command = command_line("train_compile.py", argv)
+    command = harness.command_line("train_compile.py", argv)
     body = f"""## Compiling the LLM in the real training loop (`benchmarks/train_compile.py`)
 
 `train` for stage 1 of the demo recipe (batch 32, feature cache on), eager vs
@@ -96,10 +90,10 @@ steps with the saving per step), so `train`'s default (`compile=None`) compiles 
 demo's 800-step stage 1 runs eagerly. Final losses differ in the third digit: compiled
 kernels round differently and the runs diverge slowly, as two GPUs would.
 
-- machine: {machine_line(machine_info('cpu'))}
+- machine: {harness.machine_line(harness.machine_info('cpu'))}
 - command: `{command}`; date {datetime.date.today().isoformat()}
 """
-    write_section(Path(args.output), NAME, body, results)
+    harness.write_section(Path(args.output), NAME, body, results)
     print(f"updated {args.output}")
 
 

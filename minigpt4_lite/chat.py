@@ -1,12 +1,13 @@
-"""Conversations and chatting with MiniGPT-4 (paper Sec. 4; docs/official.md, "Chat").
+"""Chatting with MiniGPT-4 (paper Sec. 4; docs/official.md, "Chat"): generation, `Chat`, batches.
 
-`Conversation` reproduces the official `CONV_VISION` template: a system prompt, roles `Human` and
+The template is `prompts.CONV_VISION` (the official one): a system prompt, roles `Human` and
 `Assistant`, separator `###`. Its prompt is `system###Human: msg###Assistant: msg###...Assistant:`.
 
 Two kinds of text enter that template. A user's question is `sanitize`d before it is stored (it
 must not open a turn or add an image slot). The model's answer is returned and stored exactly as
 generated, newlines and all, as the official demo does; only its copy *inside the prompt* of the
-next turns passes through `protect`, which defuses the template's markers and changes nothing else.
+next turns passes through `prompts.protect`, which defuses the template's markers and changes
+nothing else.
 """
 
 from __future__ import annotations
@@ -16,58 +17,24 @@ import dataclasses
 import logging
 import re
 import threading
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ConfigError, ImageLoadError, MiniGPT4Error
-from .model import IMAGE_PLACEHOLDER
 from .processing import ImageProcessor
+from .prompts import (
+    CONV_VISION,
+    IMAGE_MESSAGE,
+    IMAGE_PLACEHOLDER,
+    build_example,
+    collate,
+    sanitize,
+    text_ids,
+)
+from .speed import generate_with_cache
 
 log = logging.getLogger(__name__)
-
-SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image "
-          "once I provide it to you. Please answer my questions.")
-IMAGE_MESSAGE = "<Img><ImageHere></Img>"
-
-
-@dataclass
-class Conversation:
-    """A dialogue in the official single-separator style (`SeparatorStyle.SINGLE`)."""
-
-    system: str = SYSTEM
-    roles: tuple[str, str] = ("Human", "Assistant")
-    messages: list[list] = field(default_factory=list)  # [role, text or None]
-    sep: str = "###"
-
-    def append(self, role: str, text: str | None) -> None:
-        self.messages.append([role, text])
-
-    def prompt(self) -> str:
-        """The prompt string: `system###Role: text###...Assistant:` (a `None` turn ends it).
-
-        Answers (`roles[1]`) go in through `protect`: an answer that happens to contain `#`,
-        `<ImageHere>` or `Human:` cannot change the separator, the image slots or the turns.
-        """
-        out = self.system + self.sep
-        for role, text in self.messages:
-            if text is None:
-                out += f"{role}:"
-            else:
-                out += f"{role}: {protect(text) if role == self.roles[1] else text}{self.sep}"
-        return out
-
-    def image_slots(self, i: int) -> int:
-        """How many `<ImageHere>` slots message `i` puts into the prompt (answers put none)."""
-        role, text = self.messages[i]
-        return text.count(IMAGE_PLACEHOLDER) if role == self.roles[0] and text else 0
-
-    def copy(self) -> "Conversation":
-        return copy.deepcopy(self)
-
-
-CONV_VISION = Conversation()
 
 
 # --- generation: shared by chat, evaluation and curation -----------------------------------------
@@ -107,18 +74,6 @@ class GenerationSettings:
 
 
 GREEDY = GenerationSettings(do_sample=False)
-_STATIC_FAILED = False  # set once a static-cache generation failed here; later calls skip it
-
-
-def use_static_cache(settings: GenerationSettings, device: str, quantized: bool = False) -> bool:
-    """Whether `generate` uses a static KV cache on `device` ("cuda", "cpu"...) under `settings`.
-
-    "auto" picks it only where it pays and is safe: a GPU, one beam (beam search reorders the
-    cache), and an unquantized LLM (bitsandbytes layers do not compile).
-    """
-    if settings.kv_cache != "auto":
-        return settings.kv_cache == "static"
-    return not _STATIC_FAILED and settings.num_beams == 1 and device == "cuda" and not quantized
 
 
 class StopOnSequences:
@@ -170,27 +125,15 @@ def generate(model, prompts: list[str | None], image_embeds: torch.Tensor,
     Left padding, so that every row continues right after its own prompt (transformers derives
     the position ids from the attention mask, so padded rows see the same positions as alone).
     """
-    tok = model.tokenizer
-    batch = model.collate([model.build_example(p) for p in prompts], padding_side="left")
+    tok, n_img = model.tokenizer, model.cfg.num_visual_tokens
+    batch = collate([build_example(tok, p, n_image_tokens=n_img) for p in prompts],
+                    tok.pad_token_id, padding_side="left")
     embeds = model.embed(batch["input_ids"], batch["image_mask"], image_embeds)
-    attention_mask = batch["attention_mask"].to(embeds.device)
-    kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer,
-                  stopping_criteria=[StopOnSequences(stop_token_variants(tok, stop))],
-                  pad_token_id=tok.pad_token_id, **settings.generate_kwargs())
-    quantized = getattr(model.llm, "hf_quantizer", None) is not None
-    if use_static_cache(settings, embeds.device.type, quantized):
-        try:
-            out = model.llm.generate(cache_implementation="static", **kwargs)
-        except Exception as e:  # noqa: BLE001 - e.g. no compiler for the decoding step
-            if settings.kv_cache == "static":
-                raise
-            global _STATIC_FAILED
-            _STATIC_FAILED = True
-            log.warning("Static KV cache failed (%s: %s); using the dynamic cache from now on.",
-                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-            out = model.llm.generate(**kwargs)
-    else:
-        out = model.llm.generate(**kwargs)
+    out = generate_with_cache(  # the KV cache is a speed switch (speed.py); same tokens either way
+        model.llm, settings.kv_cache, inputs_embeds=embeds,
+        attention_mask=batch["attention_mask"].to(embeds.device), streamer=streamer,
+        stopping_criteria=[StopOnSequences(stop_token_variants(tok, stop))],
+        pad_token_id=tok.pad_token_id, **settings.generate_kwargs())
     results = []
     for row in out:  # as official: decode, cut at the stop, keep what follows "Assistant:", strip
         text = tok.decode(row, skip_special_tokens=True)
@@ -206,46 +149,7 @@ class ChatInputError(MiniGPT4Error, ValueError):
     """A chat input that cannot be used: an empty question, nothing to answer, no images..."""
 
 
-_TAG = re.compile(r"<\s*/?\s*[A-Za-z_|][\w|.-]*\s*>")  # <Img>, </Img>, <ImageHere>, <s>, </s>
-_ROLE = re.compile(r"(human|assistant)\s*:", re.IGNORECASE)
-_SPACE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # control, format, ..., line breaks
 _HELD_BACK = re.compile(r"[\s#]+\Z")  # a streamed piece's end that may yet be the stop or stripped
-
-
-def sanitize(text: str) -> str:
-    """User (or generated) text made safe to put inside a turn of the template. Strip, not escape:
-
-    - control and format characters (newlines, tabs, NUL, zero-width...) become spaces;
-    - every `#` becomes a space: the separator is `###`, and a `#` next to it would change it;
-    - tag-like tokens (`<Img>`, `</Img>`, `<ImageHere>`, `<s>`, `</s>`, ...) become spaces, so text
-      never adds an image slot (`build_example` splits at `<ImageHere>`) or a special token;
-    - role markers lose their colon (`Human:` -> `Human`), so text cannot open a new turn;
-    - whitespace is collapsed. Repeated until nothing changes.
-    Escaping would keep these characters for the LLM to read, but a tiny LLM never saw them.
-    (For the model's own answers see `protect`, which keeps their newlines.)
-    """
-    previous = None
-    while text != previous:
-        previous = text
-        text = "".join(" " if unicodedata.category(c) in _SPACE else c for c in text)
-        text = " ".join(protect(text).split())
-    return text
-
-
-def protect(text: str) -> str:
-    """A generated answer made safe to put back into the prompt, with nothing else changed.
-
-    The template's markers are defused as in `sanitize`: every `#` becomes a space (an answer
-    ending in `#` would otherwise merge with the `###` after it), tag-like tokens (`<ImageHere>`,
-    `<Img>`, `</s>`...) become spaces, and `Human:` / `Assistant:` lose their colon. Newlines,
-    list markers and all other characters stay, as the official demo keeps the raw answer.
-    Repeated until nothing changes.
-    """
-    previous = None
-    while text != previous:
-        previous = text
-        text = _ROLE.sub(r"\1", _TAG.sub(" ", text.replace("#", " ")))
-    return text
 
 
 class Chat:
@@ -365,7 +269,8 @@ class Chat:
 
     def _length(self) -> int:
         """Prompt length in LLM positions (BOS + text tokens + image slots)."""
-        return len(self.model.build_example(self.conv.prompt()).ids)
+        return len(build_example(self.model.tokenizer, self.conv.prompt(),
+                                 n_image_tokens=self.model.cfg.num_visual_tokens).ids)
 
     def _drop(self, i: int) -> None:
         """Delete message `i` and the visual tokens of its images."""
@@ -431,7 +336,7 @@ class Chat:
         head = IMAGE_MESSAGE + " " if msg[1].startswith(IMAGE_MESSAGE + " ") else ""
         if room() >= 0 or (IMAGE_PLACEHOLDER in msg[1] and not head):  # no question to shorten
             return
-        ids = self.model.text_ids(msg[1][len(head):])
+        ids = text_ids(self.model.tokenizer, msg[1][len(head):])
         keep = len(ids)
         while keep > floor and room() < 0:
             keep = max(floor, min(keep - 1, keep + room()))

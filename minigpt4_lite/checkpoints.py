@@ -20,13 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import (
-    DTYPES,
-    OFFICIAL_PROJECTIONS,
-    MiniGPT4Config,
-    QFormerConfig,
-    VisionConfig,
-)
+from .config import DTYPES, OFFICIAL_PROJECTIONS, MiniGPT4Config, QFormerConfig, VisionConfig
 from .errors import CheckpointError, ConfigError
 from .model import MiniGPT4
 from .qformer import hf_qformer_keys

@@ -71,7 +71,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .data import CCSBUAlignDataset, JsonlDataset, ToyWorldDataset, WebDatasetCaptions
+    from .data import CCSBUAlignDataset, JsonlDataset, WebDatasetCaptions
+    from .toyworld import ToyWorldDataset
     from .train import recipe, train
 
     model = _load(args, projection=args.init_projection or "")
@@ -116,7 +117,7 @@ def cmd_chat(args) -> int:
     import torch
 
     from .chat import Chat, ChatInputError, GenerationSettings
-    from .processing import load_image
+    from .images import load_image
 
     if args.prompt is not None and not args.prompt.strip():
         raise ChatInputError("The --prompt is empty: give a question about the image.")
@@ -194,7 +195,8 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_build_assets(args) -> int:
-    from .build_assets import PLAIN, PREVIOUS, BuildConfig, build, write_model_card
+    from .toyworld.build import PLAIN, PREVIOUS, BuildConfig, build
+    from .toyworld.card import write_model_card
 
     if args.card_only:  # re-render the model card from the files, e.g. after retraining
         print(f"model card written to {write_model_card(args.out)}")
@@ -312,11 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()  # the build recipe
     which.add_argument("--plain", action="store_true",
                         help="the earlier, slower recipe: random batches, no torch.compile, no "
-                             "multi-turn Q&A dialogues (see build_assets.PLAIN)")
+                             "multi-turn Q&A dialogues (see toyworld.recipe.PLAIN)")
     which.add_argument("--previous", action="store_true",
                         help="the recipe of the assets shipped until 2026-11-27: fused attention, "
                              "no slot captions, no words objective, 38 min on a 2-core CPU (see "
-                             "build_assets.PREVIOUS)")
+                             "toyworld.recipe.PREVIOUS)")
     p.set_defaults(func=cmd_build_assets)
     return parser
 

@@ -154,7 +154,7 @@ VICUNA_7B = dict(
 VICUNA_13B = dict(VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                   num_attention_heads=40)
 
-# The tiny "ToyWorld" backbones shipped in assets/ (built by `build_assets.py`).
+# The tiny "ToyWorld" backbones shipped in assets/ (built by `toyworld/build.py`).
 TINY_VISION = VisionConfig(image_size=60, patch_size=10, width=128, layers=4, heads=4, mlp=512)
 TINY_QFORMER = QFormerConfig(hidden=128, layers=4, heads=4, mlp=512, num_query_tokens=10,
                              layer_norm_eps=1e-12)

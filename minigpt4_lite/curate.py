@@ -21,10 +21,8 @@ import torch
 from . import toyworld as tw
 from .chat import GenerationSettings, generate
 from .evaluate import judge, scene_features, summarize
+from .prompts import CONTINUE_PROMPT, CURATION_PROMPT, text_ids
 
-CURATION_PROMPT = ("###Human: <Img><ImageHere></Img> Describe this image in detail. Give as many "
-                   "details as possible. Say everything you see. ###Assistant:")
-CONTINUE = "###Human: Continue ###Assistant:"
 FIX_PROMPT = ("Fix the error in the given paragraph. Remove any repeating sentences, meaningless "
               "characters, not English sentences, and so on. Remove unnecessary repetition. "
               "Rewrite any incomplete sentences. Return directly the results without explanation. "
@@ -56,7 +54,7 @@ def describe(model, scenes: list[tw.Scene], max_new_tokens: int = 160,
     for i in range(0, len(scenes), batch_size):
         outs = generate(model, [CURATION_PROMPT] * len(scenes[i:i + batch_size]),
                         embeds[i:i + batch_size], settings)
-        drafts += [Draft(s, o.text, len(model.text_ids(o.text)))
+        drafts += [Draft(s, o.text, len(text_ids(model.tokenizer, o.text)))
                    for s, o in zip(scenes[i:i + batch_size], outs)]
     return drafts
 
@@ -68,7 +66,7 @@ def continue_if_short(model, drafts: list[Draft], max_new_tokens: int = 100) -> 
     if not short:
         return drafts
     embeds = model.project(scene_features(model, [d.scene for d in short]))
-    prompts = [f"{CURATION_PROMPT} {d.text}{CONTINUE}" for d in short]
+    prompts = [f"{CURATION_PROMPT} {d.text}{CONTINUE_PROMPT}" for d in short]
     outs = generate(model, prompts, embeds,
                     GenerationSettings(do_sample=False, max_new_tokens=max_new_tokens))
     for d, o in zip(short, outs):

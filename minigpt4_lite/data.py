@@ -1,8 +1,9 @@
-"""Datasets for both stages: ToyWorld, and the official formats for real data (paper Sec. 3.1-3.2).
+"""Datasets for both stages in the official formats for real data (paper Sec. 3.1-3.2).
 
-Every dataset yields `Sample`s: an image (a ToyWorld scene, a path, or bytes), an optional prompt
-with `<ImageHere>`, and the answer text. Stage 1 has no prompt (`[BOS] [image] caption\\n`); stage 2
-wraps one instruction per sample in `###Human: <Img><ImageHere></Img> ... ###Assistant: `.
+Every dataset yields `Sample`s: an image (a path, bytes, or a synthetic scene that draws itself),
+an optional prompt with `<ImageHere>`, and the answer text. Stage 1 has no prompt (`[BOS] [image]
+caption\\n`); stage 2 wraps one instruction per sample in `###Human: <Img><ImageHere></Img> ...
+###Assistant: ` (`prompts.stage2_prompt`). The ToyWorld dataset is `toyworld.ToyWorldDataset`.
 
 Real formats read unchanged:
 - stage 1: webdataset tar shards of `jpg` + `json{"caption"}` (LAION / CC / SBU as released);
@@ -16,16 +17,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import toyworld as tw
 from .errors import DataError, ImageLoadError
-from .model import IMAGE_PLACEHOLDER, INSTRUCTIONS, PROMPT_TEMPLATE
 from .processing import ImageProcessor, clean_caption, image_to_tensor
+from .prompts import pick_instruction, stage2_prompt
 
 log = logging.getLogger(__name__)
 
@@ -35,59 +34,18 @@ class Sample:
     """One training pair. `image_id` names the image for the frozen-feature cache."""
 
     image_id: str
-    image: object  # tw.Scene | Path | bytes
+    image: object  # Path | bytes | a scene with `.render(size)` (ToyWorld)
     prompt: str | None
     answer: str
 
 
-def stage2_prompt(instruction: str) -> str:
-    """The stage-2 template around one instruction (docs/official.md)."""
-    return PROMPT_TEMPLATE.format(f"<Img>{IMAGE_PLACEHOLDER}</Img> {instruction}")
+def draws_itself(image) -> bool:
+    """Whether a sample's image is a synthetic scene that renders itself (a ToyWorld `Scene`).
 
-
-def pick_instruction(key: str, seed: int) -> str:
-    """One of the official instructions, drawn per sample (the official code draws per batch)."""
-    return random.Random(f"{seed}:{key}").choice(INSTRUCTIONS).split("</Img> ", 1)[1]
-
-
-class ToyWorldDataset:
-    """ToyWorld scenes with their text: stage 1 captions or stage 2 dialogues.
-
-    `stage=1`: cleaned short captions, no prompt. `stage=2`: detailed descriptions under the
-    official instructions, plus Q&A, poems and stories in the same template (`kinds` / weights).
-    Deterministic: item `i` always gives the same text for a given `seed`.
+    Such an image is drawn directly at the model's size and never cropped: a crop would move the
+    grid cells that its text talks about. Real images are paths or bytes.
     """
-
-    def __init__(self, stage: int, n: int, split: str = "train", seed: int = 0, start: int = 0,
-                 kinds: dict[str, float] | None = None):
-        self.stage, self.seed = stage, seed
-        self.scenes = tw.make_scenes(split, n, start=start)
-        self.kinds = kinds or {"detailed": 0.7, "qa": 0.2, "poem": 0.05, "story": 0.05}
-
-    @classmethod
-    def from_scenes(cls, stage: int, scenes: list[tw.Scene], seed: int = 0,
-                    kinds: dict[str, float] | None = None) -> ToyWorldDataset:
-        """The same texts for given scenes (e.g. exactly the images a curated set kept)."""
-        ds = cls(stage, 0, seed=seed, kinds=kinds)
-        ds.scenes = list(scenes)
-        return ds
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, i: int) -> Sample:
-        scene = self.scenes[i]
-        rng = random.Random(f"{self.seed}:{scene.seed}")
-        if self.stage == 1:
-            caption = clean_caption(tw.caption(scene, rng))
-            return Sample(f"toyworld-{scene.seed}", scene, None, caption)
-        kind = rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
-        if kind == "detailed":
-            instruction = pick_instruction(str(scene.seed), self.seed)
-            answer = tw.detailed_description(scene, rng)
-        else:
-            instruction, answer = tw.sample_task(scene, rng, kind)
-        return Sample(f"toyworld-{scene.seed}", scene, stage2_prompt(instruction), answer)
+    return callable(getattr(image, "render", None))
 
 
 class CCSBUAlignDataset:
@@ -231,8 +189,8 @@ class WebDatasetCaptions:
 def image_tensor(sample: Sample, image_size: int, train: bool = False,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """The sample's image as a normalised tensor (eval transform, or train augmentation)."""
-    if isinstance(sample.image, tw.Scene):  # ToyWorld: rendered at the model's size, no crop
-        return image_to_tensor(tw.render(sample.image, image_size), image_size)
+    if draws_itself(sample.image):  # ToyWorld: rendered at the model's size, no crop
+        return image_to_tensor(sample.image.render(image_size), image_size)
     source = io.BytesIO(sample.image) if isinstance(sample.image, bytes) else sample.image
     try:
         return ImageProcessor(image_size, train=train)(source, generator=generator)

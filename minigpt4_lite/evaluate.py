@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from . import toyworld as tw
 from .chat import GenerationSettings, generate
-from .data import Sample, image_tensor, stage2_prompt
+from .data import Sample, image_tensor
+from .prompts import stage2_prompt
+from .toyworld.slots import SlotEncoder
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +206,7 @@ def slot_ceiling(model, scenes: list[tw.Scene], registers=("caption", "detailed"
     """`evaluate` with *exact slot vectors* as the visual tokens: the LLM's own ceiling.
 
     Only for the ToyWorld LLM of `assets/`: slot vectors are the scene in the LLM's own input
-    space, as it read scenes in its text-only pretraining (`build_assets.SlotEncoder`, no noise),
+    space, as it read scenes in its text-only pretraining (`toyworld.slots.SlotEncoder`, no noise),
     i.e. what a perfect projection onto them would hand it. Over eight LLM builds the demo's
     stage-2 failure rate lay 2-13 points above this ceiling's with the earlier Q-Former, 0-7.5
     points with the one trained to be read linearly (README, "How the targets were reached"), so
@@ -212,8 +214,6 @@ def slot_ceiling(model, scenes: list[tw.Scene], registers=("caption", "detailed"
     LLM that never read slots in that layout: the stage-1 projection finds tokens that work
     better there.)
     """
-    from .build_assets import SlotEncoder
-
     exact = SlotEncoder(model.tokenizer)(scenes, model.llm.get_input_embeddings(), 0.0)
     return evaluate(model, scenes, registers, image_embeds=exact.to(model.device))
 

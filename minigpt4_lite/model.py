@@ -4,17 +4,17 @@ Data flow (the one path that training, chat, evaluation and visualisation share)
 
     pixels --vit--> patch tokens (+ln_vision) --qformer--> query outputs   (frozen, cacheable)
            --llama_proj--> visual tokens in the LLM's input space            (the trained layer)
-           --build_example/collate--> [BOS] [prompt before] [image] [prompt after] [answer]
+           --prompts.build_example/collate--> [BOS] [prompt before] [image] [prompt after] [answer]
            --> LLM: loss (train) | generate (chat, eval) | attentions (viz)
 
-`build_example` is the one place where a prompt is split at `<ImageHere>` and where labels are
-masked; `embed` is the one place where image embeddings are put into the LLM's input sequence.
+`prompts.build_example` is the one place where a prompt is split at `<ImageHere>` and where labels
+are masked (the prompt wrap); `insert_image_embeds` is the one place where visual tokens are put
+into the LLM's input sequence; the loss is the LLM's own cross-entropy over the answer tokens.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,31 +24,6 @@ from .qformer import QFormer
 from .vision import VisionTransformer
 
 log = logging.getLogger(__name__)
-
-IMAGE_PLACEHOLDER = "<ImageHere>"
-PROMPT_TEMPLATE = "###Human: {} ###Assistant: "  # stage 2 (docs/official.md)
-INSTRUCTIONS = (  # prompts/alignment.txt of the official code
-    "<Img><ImageHere></Img> Describe this image in detail.",
-    "<Img><ImageHere></Img> Take a look at this image and describe what you notice.",
-    "<Img><ImageHere></Img> Please provide a detailed description of the picture.",
-    "<Img><ImageHere></Img> Could you describe the contents of this image for me?",
-)
-IGNORE_INDEX = -100
-# How an answer ends and how many of its tokens are kept, per training stage (the official stage-1
-# and stage-2 configs): a stage-1 caption ends with a newline, a stage-2 answer with the "###"
-# separator of the conversation template. The one definition: `TrainConfig.end_sym` /
-# `.max_txt_len` read it, and `build_example` defaults to stage 1's.
-END_SYM = {1: "\n", 2: "###"}
-MAX_TXT_LEN = {1: 32, 2: 160}
-
-
-@dataclass
-class Example:
-    """One tokenised sequence: `ids[i] == -1` marks an image-embedding slot."""
-
-    ids: list[int]
-    labels: list[int]
-
 
 class MiniGPT4(nn.Module):
     """The MiniGPT-4 model. Only `llama_proj` is trainable by default (paper Sec. 3.1).
@@ -126,72 +101,11 @@ class MiniGPT4(nn.Module):
         """Pixels [B,3,S,S] -> visual tokens in the LLM's input space [B, Q, d_llm] (Fig. 1)."""
         return self.project(self.visual_features(pixels))
 
-    # --- sequences ------------------------------------------------------------------------------
-    def text_ids(self, text: str) -> list[int]:
-        """Token ids of a text segment, without BOS/EOS (segments are tokenised separately)."""
-        if not text:
-            return []
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def build_example(self, prompt: str | None, answer: str | None = None,
-                      end_sym: str | None = None, max_txt_len: int | None = None) -> Example:
-        """Token layout of one sample (paper Sec. 3.1 and 3.2; the official sequence layout).
-
-        - stage 1, `prompt=None`: `[BOS] [image] [answer + end_sym]`;
-        - stage 2, `prompt="###Human: <Img><ImageHere></Img> ... ###Assistant: "`:
-          `[BOS] [before] [image] [after] [answer + end_sym]`;
-        - chat, `answer=None`: the prompt only, with one image slot per `<ImageHere>`.
-        The answer is truncated to `max_txt_len` tokens (after adding `end_sym`, as official);
-        both default to stage 1's (`END_SYM[1]`, `MAX_TXT_LEN[1]`): pass stage 2's for stage 2.
-        Labels are -100 everywhere except on the answer tokens.
-        """
-        n_img = self.cfg.num_visual_tokens
-        segments = (prompt if prompt is not None else IMAGE_PLACEHOLDER).split(IMAGE_PLACEHOLDER)
-        ids = [self.tokenizer.bos_token_id]
-        for i, segment in enumerate(segments):
-            if i > 0:
-                ids += [-1] * n_img
-            ids += self.text_ids(segment)
-        labels = [IGNORE_INDEX] * len(ids)
-        if answer is not None:
-            end_sym = END_SYM[1] if end_sym is None else end_sym
-            max_txt_len = MAX_TXT_LEN[1] if max_txt_len is None else max_txt_len
-            target = self.text_ids(answer + end_sym)[:max_txt_len]
-            ids += target
-            labels += target
-        return Example(ids, labels)
-
-    def collate(self, examples: list[Example], padding_side: str = "right") -> dict:
-        """Pad examples into tensors: `input_ids`, `image_mask`, `attention_mask`, `labels`.
-
-        Right padding for training (as official); left padding for batched generation.
-        """
-        pad_id = self.tokenizer.pad_token_id
-        T = max(len(e.ids) for e in examples)
-        ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
-        attn = torch.zeros((len(examples), T), dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e.ids)
-            sl = slice(0, n) if padding_side == "right" else slice(T - n, T)
-            ids[i, sl] = torch.tensor(e.ids)
-            labels[i, sl] = torch.tensor(e.labels)
-            attn[i, sl] = 1
-        image_mask = ids == -1
-        ids[image_mask] = pad_id
-        return {"input_ids": ids, "image_mask": image_mask, "attention_mask": attn,
-                "labels": labels}
-
+    # --- sequences (built by `prompts.build_example` / `prompts.collate`) -----------------------
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor,
               image_embeds: torch.Tensor) -> torch.Tensor:
         """LLM input embeddings with the visual tokens put into the image slots, in order."""
-        emb = self.llm.get_input_embeddings()(input_ids.to(self.device))
-        image_mask = image_mask.to(emb.device)
-        n_slots, n_given = int(image_mask.sum()), image_embeds.shape[0] * image_embeds.shape[1]
-        if n_slots != n_given:
-            raise ValueError(f"The sequences have {n_slots} image slots but {n_given} visual "
-                             "tokens were given (one image per <ImageHere>).")
-        return emb.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(emb.dtype))
+        return insert_image_embeds(self.llm, input_ids, image_mask, image_embeds)
 
     @property
     def device(self) -> torch.device:
@@ -230,3 +144,21 @@ class MiniGPT4(nn.Module):
             "projection_params": count(self.llama_proj),
             "trainable_params": sum(p.numel() for p in self.trainable_parameters()),
         }
+
+
+def insert_image_embeds(llm: nn.Module, input_ids: torch.Tensor, image_mask: torch.Tensor,
+                        image_embeds: torch.Tensor) -> torch.Tensor:
+    """`llm`'s input embeddings of `input_ids`, with `image_embeds` [N, Q, d] in the image slots.
+
+    The slots (`image_mask`, from `prompts.collate`) are filled in order: the first image's Q
+    visual tokens go into the first Q slots, and so on (the official code concatenates the
+    embedded text before the image, the image and the text after it: the same sequence).
+    """
+    emb = llm.get_input_embeddings()
+    inputs = emb(input_ids.to(emb.weight.device))
+    image_mask = image_mask.to(inputs.device)
+    n_slots, n_given = int(image_mask.sum()), image_embeds.shape[0] * image_embeds.shape[1]
+    if n_slots != n_given:
+        raise ValueError(f"The sequences have {n_slots} image slots but {n_given} visual "
+                         "tokens were given (one image per <ImageHere>).")
+    return inputs.masked_scatter(image_mask.unsqueeze(-1), image_embeds.to(inputs.dtype))

@@ -19,8 +19,9 @@ import torch
 from . import toyworld as tw
 from .checkpoints import load_model
 from .config import preset
-from .data import CCSBUAlignDataset, ToyWorldDataset
+from .data import CCSBUAlignDataset
 from .evaluate import evaluate, scene_features, table3
+from .toyworld import ToyWorldDataset
 from .train import recipe, train
 
 log = logging.getLogger(__name__)

@@ -6,21 +6,18 @@ atomically. Resuming continues the exact trajectory. Since the ViT and Q-Former 
 output for an image never changes: with no random augmentation it is computed once and reused
 (the frozen-feature cache), which leaves only the LLM forward/backward in the loop.
 Distributed runs (torchrun or `accelerate launch`) go through Accelerate; each process draws its own
-batches and DDP averages the projection's gradients. Each process's random streams are saved too
-(process 0's in the checkpoint, the others' in `rng-rank{N}.safetensors` next to it), so a run
-resumed with the same number of processes draws exactly the batches it would have drawn.
+batches and DDP averages the projection's gradients. What a checkpoint holds and how a run resumes
+exactly (each process's random streams included) is `resume.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,13 +25,14 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .checkpoints import atomic_save_file, save_pretrained
-from .data import Sample, image_tensor
-from .errors import CheckpointError, ConfigError, TrainingError
-from .model import END_SYM, MAX_TXT_LEN, MiniGPT4
+from .data import Sample, draws_itself, image_tensor
+from .errors import ConfigError, TrainingError
+from .model import MiniGPT4
+from .prompts import END_SYM, MAX_TXT_LEN, build_example, collate
+from .resume import CHECKPOINT, RNGState, load_checkpoint, save_checkpoint, save_rank_rng
+from .speed import compile_llm, should_compile
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.safetensors"
-
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -103,7 +101,7 @@ class TrainConfig:
 
     @property
     def end_sym(self) -> str:
-        """What ends each answer in this stage (`model.END_SYM`)."""
+        """What ends each answer in this stage (`prompts.END_SYM`)."""
         return END_SYM[self.stage]
 
     @property
@@ -149,10 +147,19 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     warmup counts the step within the epoch; both stages warm up inside their first epoch, so it is
     the same step.)
     """
-    if step < cfg.warmup_steps:
-        rate = cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / max(1, cfg.warmup_steps)
-        return min(cfg.lr, rate)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * step / cfg.steps))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr, cfg.warmup_lr)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, floor: float,
+                  start: float = 0.0) -> float:
+    """The one learning-rate schedule of the project (`learning_rate` gives it a `TrainConfig`).
+
+    Linear from `start` to `peak` over the first `warmup` steps, then `floor + (peak - floor) *
+    (1 + cos(pi * step / total)) / 2`. The ToyWorld backbones' pretraining uses it too.
+    """
+    if step < warmup:
+        return min(peak, start + (peak - start) * step / max(1, warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * step / total))
 
 
 def make_optimizer(model: MiniGPT4, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -169,8 +176,7 @@ def make_optimizer(model: MiniGPT4, cfg: TrainConfig) -> torch.optim.AdamW:
 def uses_augmentation(dataset, cfg: TrainConfig) -> bool:
     if cfg.augment is not None:
         return cfg.augment
-    from .toyworld import Scene
-    return not isinstance(dataset[0].image, Scene)  # crops would move ToyWorld's grid cells
+    return not draws_itself(dataset[0].image)  # crops would move ToyWorld's grid cells
 
 
 @torch.no_grad()
@@ -203,8 +209,10 @@ def build_feature_cache(model: MiniGPT4, dataset, batch_size: int = 256,
 def make_batch(model: MiniGPT4, samples: list[Sample], cfg: TrainConfig, cache: dict | None,
                augment: bool, generator: torch.Generator) -> dict:
     """Token layout (one prompt per sample) + either cached features or image pixels."""
-    batch = model.collate([model.build_example(s.prompt, s.answer, cfg.end_sym, cfg.max_txt_len)
-                           for s in samples])
+    n_img = model.cfg.num_visual_tokens
+    batch = collate([build_example(model.tokenizer, s.prompt, s.answer, n_image_tokens=n_img,
+                                   end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len)
+                     for s in samples], model.tokenizer.pad_token_id)
     if cache is not None:
         batch["features"] = torch.stack([cache[s.image_id] for s in samples])
     else:
@@ -212,169 +220,6 @@ def make_batch(model: MiniGPT4, samples: list[Sample], cfg: TrainConfig, cache: 
         batch["pixels"] = torch.stack([image_tensor(s, size, train=augment, generator=generator)
                                        for s in samples])
     return batch
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
-@dataclass
-class RNGState:
-    """One process's random streams: torch's global one, the batch-drawing generator, Python's.
-
-    The loop takes one after every step, so that a checkpoint (even one written on Ctrl-C in the
-    middle of the next step) holds the streams exactly as they were after the step it saves.
-    """
-
-    torch_state: torch.Tensor
-    data_state: torch.Tensor
-    python_state: tuple
-
-    @classmethod
-    def capture(cls, generator: torch.Generator) -> "RNGState":
-        return cls(torch.get_rng_state(), generator.get_state(), random.getstate())
-
-    def restore(self, generator: torch.Generator) -> None:
-        torch.set_rng_state(self.torch_state)
-        generator.set_state(self.data_state)
-        version, internal, gauss = self.python_state  # JSON made the inner tuple a list
-        random.setstate((version, tuple(internal), gauss))
-
-
-def rank_rng_path(path: Path, rank: int) -> Path:
-    """Where process `rank` (>= 1) of a multi-process run keeps its random streams."""
-    return path.with_name(f"rng-rank{rank}.safetensors")
-
-
-def save_checkpoint(path: Path, model: MiniGPT4, opt, step: int, history: list, rng: RNGState,
-                    cfg: TrainConfig, world_size: int = 1) -> None:
-    """What was trained + optimizer + process 0's RNG states + step, atomically (temp + rename)."""
-    tensors = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    osd = opt.state_dict()
-    for idx, state in osd["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
-    tensors["rng.torch"], tensors["rng.data"] = rng.torch_state, rng.data_state
-    meta = {"step": step, "history": history, "param_groups": osd["param_groups"],
-            "python_random": rng.python_state, "world_size": world_size,
-            "train_config": asdict(cfg), "model_config": model.cfg.to_dict()}
-    atomic_save_file(tensors, path, metadata={"state": json.dumps(meta)})
-
-
-def save_rank_rng(path: Path, rank: int, step: int, rng: RNGState) -> None:
-    """The random streams of process `rank` >= 1 after `step`, next to the checkpoint `path`."""
-    meta = {"step": step, "rank": rank, "python_random": rng.python_state}
-    tensors = {"rng.torch": rng.torch_state, "rng.data": rng.data_state}
-    atomic_save_file(tensors, rank_rng_path(path, rank),
-                     metadata={"state": json.dumps(meta)})
-
-
-def _read(path: Path) -> tuple[dict, dict]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"Cannot resume from {path}: not a complete training checkpoint "
-                              f"({e}).") from e
-    return meta, tensors
-
-
-def load_checkpoint(path: Path, model: MiniGPT4, opt, generator: torch.Generator,
-                    rank: int = 0, world_size: int = 1) -> dict:
-    """Restore a checkpoint written by `save_checkpoint`; returns its metadata (step, history).
-
-    Every process restores the same trained tensors and optimizer state, and its *own* random
-    streams (process 0's from the checkpoint, process N's from `rng-rank{N}.safetensors`). A run
-    can therefore only be resumed with as many processes as it had: with another number, the
-    processes would draw other batches than the interrupted run, so this is refused.
-    """
-    meta, tensors = _read(path)
-    saved_world = meta.get("world_size", 1)  # checkpoints from before it was recorded: 1 process
-    if saved_world != world_size:
-        raise CheckpointError(
-            f"{path} was written by a run of {saved_world} process(es) and this run has "
-            f"{world_size}: resume it with {saved_world} (each process continues its own random "
-            "stream), or start afresh in a new out_dir (or with resume=False).")
-    params = dict(model.named_parameters())
-    for name, p in params.items():
-        if p.requires_grad:
-            t = tensors.get(f"model.{name}")
-            if t is None or t.shape != p.shape:
-                got = None if t is None else list(t.shape)
-                raise CheckpointError(f"{path}: trained tensor {name} has shape {got}, this model "
-                                      f"expects {list(p.shape)}; was it saved by another model?")
-            with torch.no_grad():
-                p.copy_(t)
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    if rank == 0:
-        rng = RNGState(tensors["rng.torch"], tensors["rng.data"], meta["python_random"])
-        rng.restore(generator)
-        return meta
-    own = rank_rng_path(path, rank)
-    if not own.exists():
-        raise CheckpointError(f"Cannot resume process {rank}: {own} (its random streams) is "
-                              f"missing next to {path}; start afresh in a new out_dir.")
-    rank_meta, rank_tensors = _read(own)
-    if rank_meta["step"] != meta["step"]:
-        raise CheckpointError(
-            f"{own} holds process {rank}'s random streams at step {rank_meta['step']}, but "
-            f"{path} is at step {meta['step']} (an interrupted write?); start afresh in a new "
-            "out_dir.")
-    RNGState(rank_tensors["rng.torch"], rank_tensors["rng.data"],
-             rank_meta["python_random"]).restore(generator)
-    return meta
-
-
-# --- compiling the frozen LLM ---------------------------------------------------------------------
-COMPILE_MIN_STEPS = {"cuda": 200, "cpu": 4000}
-
-
-def should_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """`cfg.compile`, or auto: runs of at least `COMPILE_MIN_STEPS[device]` steps.
-
-    Measured on the tiny preset's stage 1 on a 2-core CPU (BENCHMARKS.md): compiling costs about
-    50 s once and then saves 15-33 ms of a 110-125 ms step, so it pays after roughly 2,500-3,500
-    steps; the demo's 800-step stage 1 is faster eager. On a GPU it pays much sooner.
-    """
-    if cfg.compile is not None:
-        return cfg.compile
-    return cfg.steps >= COMPILE_MIN_STEPS.get(device.type, COMPILE_MIN_STEPS["cuda"])
-
-
-def compile_with_fallback(fn, dynamic: bool = True):
-    """`torch.compile(fn)`, falling back to `fn` for good if compiling fails.
-
-    Compiling needs a working C++ compiler (on a CPU) or Triton (on a GPU); where it fails, or
-    meets an unsupported op, we warn once and go on eagerly: same math, just slower.
-    """
-    compiled = torch.compile(fn, dynamic=dynamic)
-
-    def call(*args, **kwargs):
-        nonlocal compiled
-        if compiled is not None:
-            try:
-                return compiled(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - a real error re-raises from the eager call
-                log.warning("torch.compile failed (%s: %s); continuing without it.",
-                            type(e).__name__, str(e).splitlines()[0][:200])
-                compiled = None
-        return fn(*args, **kwargs)
-
-    return call
-
-
-def compile_llm(llm: torch.nn.Module):
-    """Swap `llm.forward` for a `torch.compile`d one; returns a function that undoes it.
-
-    The loop's time is almost all the frozen LLM's forward and backward (into its inputs only), and
-    compiling fuses its small kernels: same math, results equal up to float rounding (measured in
-    BENCHMARKS.md). `dynamic=True` because caption lengths vary from batch to batch.
-    """
-    llm.forward = compile_with_fallback(llm.forward)  # an instance attribute shadows the method...
-    return lambda: delattr(llm, "forward")  # ...and deleting it restores the eager one
 
 
 # --- the loop -------------------------------------------------------------------------------------

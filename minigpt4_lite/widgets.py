@@ -20,7 +20,7 @@ from PIL import Image
 from .chat import Chat, GenerationSettings
 from .config import ASSETS
 from .errors import MiniGPT4Error
-from .processing import load_image
+from .images import load_image
 
 DISPLAY_PX = 240  # ToyWorld images are 60 px: upscaled (nearest) so that shapes stay crisp
 THUMB_PX = 52

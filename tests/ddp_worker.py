@@ -16,8 +16,8 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from minigpt4_lite.config import MiniGPT4Config, QFormerConfig, VisionConfig
-from minigpt4_lite.data import ToyWorldDataset
 from minigpt4_lite.model import MiniGPT4
+from minigpt4_lite.toyworld import ToyWorldDataset
 from minigpt4_lite.train import TrainConfig, make_batch, train
 
 llama_dir, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]

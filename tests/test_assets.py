@@ -13,38 +13,50 @@ import torch
 from safetensors.torch import save_file
 
 from minigpt4_lite import toyworld as tw
-from minigpt4_lite.build_assets import (
-    FORMS,
-    PLAIN,
-    PREVIOUS,
-    BuildConfig,
-    GroundedHeads,
-    SlotEncoder,
+from minigpt4_lite.chat import stop_token_variants
+from minigpt4_lite.checkpoints import load_model
+from minigpt4_lite.config import ASSETS, TINY_QFORMER, TINY_VISION, preset
+from minigpt4_lite.errors import TrainingError
+from minigpt4_lite.evaluate import slot_ceiling
+from minigpt4_lite.processing import clean_caption
+from minigpt4_lite.prompts import (
+    CONV_VISION,
+    IGNORE_INDEX,
+    MAX_TXT_LEN,
+    build_example,
+    collate,
+    stage2_prompt,
+)
+from minigpt4_lite.qformer import QFormer
+from minigpt4_lite.speed import (
     bucketed,
-    build,
-    cell_targets,
+    eager_fp32_attention,
     label_tokens,
-    linear_readout_r2,
+    pool_tokens_per_batch,
+)
+from minigpt4_lite.toyworld import ToyWorldDataset
+from minigpt4_lite.toyworld.build import PLAIN, PREVIOUS, BuildConfig, build
+from minigpt4_lite.toyworld.build_llm import (
+    FORMS,
+    QA_TURNS,
     llm_example,
     llm_examples,
-    pool_tokens_per_batch,
-    probe_accuracy,
     qa_dialogue,
-    render_model_card,
-    sha256,
+)
+from minigpt4_lite.toyworld.build_vision import (
+    GroundedHeads,
+    cell_targets,
+    linear_readout_r2,
+    probe_accuracy,
+)
+from minigpt4_lite.toyworld.card import render_model_card, sha256
+from minigpt4_lite.toyworld.slots import (
+    N_SLOTS,
+    SlotEncoder,
     slot_vocabulary,
     slot_word_counts,
     slot_words,
 )
-from minigpt4_lite.chat import CONV_VISION, stop_token_variants
-from minigpt4_lite.checkpoints import load_model
-from minigpt4_lite.config import ASSETS, TINY_QFORMER, TINY_VISION, preset
-from minigpt4_lite.data import ToyWorldDataset
-from minigpt4_lite.errors import TrainingError
-from minigpt4_lite.evaluate import slot_ceiling
-from minigpt4_lite.model import IGNORE_INDEX, PROMPT_TEMPLATE
-from minigpt4_lite.processing import clean_caption
-from minigpt4_lite.qformer import QFormer
 from minigpt4_lite.train import RECIPES
 from minigpt4_lite.vision import VisionTransformer
 
@@ -83,9 +95,10 @@ def test_llm_answers_colour_questions_from_words(tiny):
     for s in scenes:
         qs = [(q, k) for q, _, k in tw.qa_pairs(s, rng) if k in tw.COLOURS]
         if qs:
-            prompts.append(PROMPT_TEMPLATE.format(f"<Img>{tw.scene_in_words(s)}</Img> {qs[0][0]}"))
+            prompts.append(stage2_prompt(qs[0][0], image=tw.scene_in_words(s)))
             keys.append(qs[0][1])
-    batch = tiny.collate([tiny.build_example(p) for p in prompts], padding_side="left")
+    examples = [build_example(tiny.tokenizer, p, n_image_tokens=N_SLOTS) for p in prompts]
+    batch = collate(examples, tiny.tokenizer.pad_token_id, padding_side="left")
     emb = tiny.llm.get_input_embeddings()(batch["input_ids"])
     out = tiny.llm.generate(inputs_embeds=emb, attention_mask=batch["attention_mask"],
                             max_new_tokens=12, do_sample=False,
@@ -247,7 +260,7 @@ def test_sample_images_have_ground_truth():
 
 def test_length_bucketing_keeps_every_sequence_and_cuts_padding(tiny):
     rng = random.Random(0)
-    items = llm_examples(tiny, tw.make_scenes("train", 64), rng)
+    items = llm_examples(tiny.tokenizer, tw.make_scenes("train", 64), rng)
     batches = bucketed(items, 16, rng)
     assert sorted(map(id, (i for b in batches for i in b))) == sorted(map(id, items))
     assert all(len(b) == 16 for b in batches)
@@ -273,8 +286,6 @@ def test_eager_fp32_attention_is_transformers_eager_with_float32_scores():
     under bf16 autocast keeps the scores in float32 (plain eager rounds them to bf16)."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from minigpt4_lite.build_assets import eager_fp32_attention
-
     module = types.SimpleNamespace(num_key_value_groups=2, training=False)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 6, 8, generator=g) * 3
@@ -298,7 +309,7 @@ def test_bucketed_batches_weigh_every_token_alike(tiny):
     """Each batch's summed loss is divided by the pool's mean tokens per batch: in total, every
     loss-carrying token counts once, whatever bucket it landed in (as with random batches)."""
     rng = random.Random(1)
-    batches = bucketed(llm_examples(tiny, tw.make_scenes("train", 64), rng), 16, rng)
+    batches = bucketed(llm_examples(tiny.tokenizer, tw.make_scenes("train", 64), rng), 16, rng)
     per_batch = pool_tokens_per_batch(batches)
     weights = [label_tokens(b) / per_batch for b in batches]  # the loop's factor on mean losses
     assert sum(weights) == pytest.approx(len(batches))
@@ -307,7 +318,7 @@ def test_bucketed_batches_weigh_every_token_alike(tiny):
 
 def test_qa_dialogue_supervises_every_answer_in_the_chat_layout(tiny):
     scene = tw.make_scenes("train", 1)[0]
-    example = qa_dialogue(tiny, scene, random.Random(3))
+    example = qa_dialogue(tiny.tokenizer, scene, random.Random(3))
     answers = tiny.tokenizer.decode([t for t in example.labels if t != -100]).split("###")[:-1]
     assert 3 <= len(answers) <= 6
     # the same tokens as the chat's own prompt for that conversation (image slots aside)
@@ -318,10 +329,39 @@ def test_qa_dialogue_supervises_every_answer_in_the_chat_layout(tiny):
     for question, answer in turns:
         conv.append("Human", question)
         conv.append("Assistant", answer)
-    expected = tiny.build_example(conv.prompt()).ids  # the prompt ends with "###" here
-    assert [t for t in example.ids if t >= 0] == [t for t in expected if t >= 0]
+    expected = build_example(tiny.tokenizer, conv.prompt(), n_image_tokens=N_SLOTS)  # ends "###"
+    assert [t for t in example.ids if t >= 0] == [t for t in expected.ids if t >= 0]
     truth = {k for _, _, k in tw.qa_pairs(scene, random.Random(0))} | {"yes", "no"}
     assert all(any(k in a.lower() for k in truth) for a in answers)
+
+
+def test_qa_dialogue_later_turns_carry_loss_on_their_answers_only(tiny):
+    """After the first turn, each turn is `Human: q###Assistant:` without loss and ` a###` with
+    loss, no BOS in between: token for token the layout written out by hand, for many scenes and
+    seeds (the asset build's LLM learned from exactly these sequences)."""
+    tok = tiny.tokenizer
+
+    def ids(text):
+        return tok(text, add_special_tokens=False).input_ids
+
+    for seed in range(4):
+        for scene in tw.make_scenes("train", 30, start=30 * seed):
+            example = qa_dialogue(tok, scene, random.Random(seed))
+            rng = random.Random(seed)  # the same draws as `qa_dialogue`
+            pairs = tw.qa_pairs(scene, rng)
+            rng.shuffle(pairs)
+            pairs = pairs[:rng.randint(*QA_TURNS)]
+            conv = CONV_VISION.copy()
+            conv.append("Human", f"<Img><ImageHere></Img> {pairs[0][0]}")
+            conv.append("Assistant", None)
+            first = build_example(tok, conv.prompt(), " " + pairs[0][1], n_image_tokens=N_SLOTS,
+                                  end_sym="###", max_txt_len=MAX_TXT_LEN[2])
+            want_ids, want_labels = list(first.ids), list(first.labels)
+            for question, answer, _ in pairs[1:]:
+                ask, say = ids(f"Human: {question}###Assistant:"), ids(f" {answer}###")
+                want_ids += ask + say
+                want_labels += [IGNORE_INDEX] * len(ask) + say
+            assert example.ids == want_ids and example.labels == want_labels
 
 
 def test_plain_forms_are_the_earlier_recipe():
@@ -341,12 +381,13 @@ def test_slot_caption_form_is_stage1_layout(tiny):
     every caption token supervised, the caption cleaned as stage 1's data is."""
     scenes = tw.make_scenes("heldout", 6)
     only = tuple(int(f == "slot_caption") for f in FORMS)
-    items = llm_examples(tiny, scenes, random.Random(0), only)
+    items = llm_examples(tiny.tokenizer, scenes, random.Random(0), only)
     cfg = RECIPES["tiny-stage1"]
     n_img = tiny.cfg.num_visual_tokens
     assert all(kept is scene for (_, kept), scene in zip(items, scenes))  # its slots fill them
     for (example, scene), sample in zip(items, ToyWorldDataset.from_scenes(1, scenes)):
-        stage1 = tiny.build_example(sample.prompt, sample.answer, cfg.end_sym, cfg.max_txt_len)
+        stage1 = build_example(tiny.tokenizer, sample.prompt, sample.answer, n_image_tokens=n_img,
+                               end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len)
         for ex in (example, stage1):
             assert ex.ids[:1 + n_img] == [tiny.tokenizer.bos_token_id] + [-1] * n_img
             assert ex.labels[:1 + n_img] == [IGNORE_INDEX] * (1 + n_img)

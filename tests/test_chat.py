@@ -13,24 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import example
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from minigpt4_lite.chat import (
-    CONV_VISION,
     GREEDY,
-    IMAGE_MESSAGE,
-    SYSTEM,
     Chat,
     ChatInputError,
     GenerationSettings,
     answer_batch,
-    sanitize,
-    use_static_cache,
 )
 from minigpt4_lite.config import ASSETS, preset
 from minigpt4_lite.errors import ConfigError, ImageLoadError, MiniGPT4Error
+from minigpt4_lite.prompts import CONV_VISION, IMAGE_MESSAGE, SYSTEM, sanitize, text_ids
+from minigpt4_lite.speed import use_static_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ASSETS / "samples").glob("*.png"))
@@ -50,7 +48,7 @@ def model():
 
 
 def n_slots(model, chat: Chat) -> int:
-    return model.build_example(chat.conv.prompt()).ids.count(-1)
+    return example(model, chat.conv.prompt()).ids.count(-1)
 
 
 def test_template_is_the_official_one(model):
@@ -195,7 +193,7 @@ def test_long_conversation_cuts_oldest_turns_and_keeps_the_image(model):
     for i in range(16):
         chat.ask(f"Question {i}: where is the star, and what colour is the circle? " * 3)
         chat.answer()
-        prompt_len = len(model.build_example(chat.conv.prompt()).ids)
+        prompt_len = len(example(model, chat.conv.prompt()).ids)
         assert prompt_len <= 512
     assert any("removed" in n and "oldest" in n for n in chat.notices)
     assert n_slots(model, chat) == model.cfg.num_visual_tokens  # the image message stayed
@@ -208,7 +206,7 @@ def test_very_long_question_is_shortened_not_crashed(model):
     chat.upload(SAMPLES[0])
     chat.ask("tell me about the red star " * 400 + "What colour is the circle?")
     answer = chat.answer()
-    assert len(model.text_ids(answer)) <= 100  # it had room for 100 new tokens, not 150
+    assert len(text_ids(model.tokenizer, answer)) <= 100  # it had room for 100 new tokens, not 150
     assert any("question was too long" in n for n in chat.notices)
     assert any("lowered from 150 to 100" in n for n in chat.notices)  # half the context
     assert n_slots(model, chat) == model.cfg.num_visual_tokens
@@ -254,7 +252,7 @@ def test_an_image_without_question_is_never_cut_in_half(model):
     tight = chat._length() + 1  # room for exactly one new token
     chat.conv.messages.pop()
     answer = chat.answer(dataclasses.replace(GREEDY, max_length=tight))
-    assert len(model.text_ids(answer)) <= 1
+    assert len(text_ids(model.tokenizer, answer)) <= 1
     assert chat.conv.messages[0] == ["Human", IMAGE_MESSAGE]
     assert any("lowered from 300 to 1" in n for n in chat.notices)
 
@@ -361,17 +359,18 @@ def test_static_kv_cache_gives_the_same_greedy_answers(model):
 
 def test_static_kv_cache_is_the_default_on_gpus_only():
     auto = GenerationSettings()
-    assert use_static_cache(auto, "cuda")
-    assert not use_static_cache(auto, "cpu")  # measured no faster on a CPU (BENCHMARKS.md)
-    assert not use_static_cache(auto, "cuda", quantized=True)
-    assert not use_static_cache(dataclasses.replace(auto, num_beams=3), "cuda")
-    assert use_static_cache(dataclasses.replace(auto, kv_cache="static"), "cpu")
-    assert not use_static_cache(dataclasses.replace(auto, kv_cache="dynamic"), "cuda")
+    assert auto.kv_cache == "auto"
+    assert use_static_cache("auto", 1, "cuda")
+    assert not use_static_cache("auto", 1, "cpu")  # measured no faster on a CPU (BENCHMARKS.md)
+    assert not use_static_cache("auto", 1, "cuda", quantized=True)
+    assert not use_static_cache("auto", 3, "cuda")  # beam search reorders the cache
+    assert use_static_cache("static", 1, "cpu")
+    assert not use_static_cache("dynamic", 1, "cuda")
 
 
 def test_a_failing_static_cache_falls_back_to_the_dynamic_one(model, monkeypatch, caplog):
     """Where the decoding step cannot be compiled, "auto" warns once and answers anyway."""
-    import minigpt4_lite.chat as chat_module
+    import minigpt4_lite.speed as speed
 
     expected = answer_batch(model, SAMPLES[:1], "How many objects are there?", SHORT)
     real_generate = model.llm.generate
@@ -382,14 +381,14 @@ def test_a_failing_static_cache_falls_back_to_the_dynamic_one(model, monkeypatch
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(model.llm, "generate", generate)
-    monkeypatch.setattr(chat_module, "_STATIC_FAILED", False)
-    monkeypatch.setattr(chat_module, "use_static_cache",
-                        lambda settings, device, quantized=False:  # as if on a GPU
-                        settings.kv_cache == "static" or not chat_module._STATIC_FAILED)
+    monkeypatch.setattr(speed, "_STATIC_FAILED", False)
+    monkeypatch.setattr(speed, "use_static_cache",
+                        lambda kv_cache, num_beams, device, quantized=False:  # as if on a GPU
+                        kv_cache == "static" or not speed._STATIC_FAILED)
     with caplog.at_level("WARNING"):
         got = answer_batch(model, SAMPLES[:1], "How many objects are there?", SHORT)
     assert got == expected and "Static KV cache failed" in caplog.text
-    assert chat_module._STATIC_FAILED  # later calls go straight to the dynamic cache
+    assert speed._STATIC_FAILED  # later calls go straight to the dynamic cache
     with pytest.raises(RuntimeError, match="no compiler"):  # asked for explicitly: no hiding
         answer_batch(model, SAMPLES[:1], "How many objects are there?",
                      dataclasses.replace(SHORT, kv_cache="static"))

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from minigpt4_lite.config import MiniGPT4Config, QFormerConfig, VisionConfig
-from minigpt4_lite.data import ToyWorldDataset
 from minigpt4_lite.errors import CheckpointError
 from minigpt4_lite.model import MiniGPT4
+from minigpt4_lite.toyworld import ToyWorldDataset
 from minigpt4_lite.train import TrainConfig, train
 
 

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from conftest import example
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from minigpt4_lite.config import MiniGPT4Config, QFormerConfig, VisionConfig
-from minigpt4_lite.model import IGNORE_INDEX, INSTRUCTIONS, PROMPT_TEMPLATE, MiniGPT4
+from minigpt4_lite.model import MiniGPT4
+from minigpt4_lite.prompts import IGNORE_INDEX, INSTRUCTIONS, PROMPT_TEMPLATE, collate
 
 N_QUERY = 4
 
@@ -22,7 +24,7 @@ def model(llama_dir):
 
 def test_stage1_layout(model):
     tok = model.tokenizer
-    ex = model.build_example(None, "a red circle", end_sym="\n", max_txt_len=32)
+    ex = example(model, None, "a red circle", end_sym="\n", max_txt_len=32)
     caption = tok("a red circle\n", add_special_tokens=False).input_ids
     assert ex.ids == [tok.bos_token_id] + [-1] * N_QUERY + caption
     assert ex.labels == [IGNORE_INDEX] * (1 + N_QUERY) + caption
@@ -31,7 +33,7 @@ def test_stage1_layout(model):
 def test_stage2_layout_splits_prompt_at_image(model):
     tok = model.tokenizer
     prompt = PROMPT_TEMPLATE.format(INSTRUCTIONS[0])
-    ex = model.build_example(prompt, "a small green square", end_sym="###", max_txt_len=160)
+    ex = example(model, prompt, "a small green square", end_sym="###", max_txt_len=160)
     before = tok("###Human: <Img>", add_special_tokens=False).input_ids
     after = tok("</Img> Describe this image in detail. ###Assistant: ",
                 add_special_tokens=False).input_ids
@@ -44,27 +46,25 @@ def test_stage2_layout_splits_prompt_at_image(model):
 
 
 def test_answer_truncated_to_max_txt_len(model):
-    ex = model.build_example(None, "a red circle and a blue star " * 10, end_sym="\n",
-                             max_txt_len=5)
+    ex = example(model, None, "a red circle and a blue star " * 10, end_sym="\n", max_txt_len=5)
     assert sum(label != IGNORE_INDEX for label in ex.labels) == 5
 
 
 def test_collate_right_padding_masks_padding(model):
-    a = model.build_example(None, "a red circle", end_sym="\n")
-    b = model.build_example(PROMPT_TEMPLATE.format(INSTRUCTIONS[1]), "a blue star",
-                            end_sym="###")
-    batch = model.collate([a, b])
+    a = example(model, None, "a red circle", end_sym="\n")
+    b = example(model, PROMPT_TEMPLATE.format(INSTRUCTIONS[1]), "a blue star", end_sym="###")
+    batch = collate([a, b], model.tokenizer.pad_token_id)
     T = max(len(a.ids), len(b.ids))
     assert batch["input_ids"].shape == (2, T)
     assert batch["attention_mask"][0].tolist() == [1] * len(a.ids) + [0] * (T - len(a.ids))
     assert (batch["labels"][0, len(a.ids):] == IGNORE_INDEX).all()
     assert batch["image_mask"].sum(1).tolist() == [N_QUERY, N_QUERY]
-    left = model.collate([a, b], padding_side="left")
+    left = collate([a, b], model.tokenizer.pad_token_id, padding_side="left")
     assert left["attention_mask"][0].tolist() == [0] * (T - len(a.ids)) + [1] * len(a.ids)
 
 
 def test_embed_places_image_tokens_in_slots(model):
-    batch = model.collate([model.build_example(None, "a red circle")] * 2)
+    batch = collate([example(model, None, "a red circle")] * 2, model.tokenizer.pad_token_id)
     image_embeds = torch.randn(2, N_QUERY, model.llm.config.hidden_size)
     emb = model.embed(batch["input_ids"], batch["image_mask"], image_embeds)
     assert torch.equal(emb[0, 1:1 + N_QUERY], image_embeds[0])
@@ -77,7 +77,7 @@ def test_only_projection_trains_and_frozen_parts_stay_in_eval(model):
     model.train()
     assert model.training and model.llama_proj.training
     assert not model.vit.training and not model.qformer.training and not model.llm.training
-    batch = model.collate([model.build_example(None, "a red circle")] * 2)
+    batch = collate([example(model, None, "a red circle")] * 2, model.tokenizer.pad_token_id)
     batch["pixels"] = torch.randn(2, 3, 20, 20)
     model(batch).loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -87,7 +87,7 @@ def test_only_projection_trains_and_frozen_parts_stay_in_eval(model):
 
 def test_loss_falls_on_a_fixed_batch(model):
     captions = ["a red circle", "a blue star and a green square"]
-    batch = model.collate([model.build_example(None, c) for c in captions])
+    batch = collate([example(model, None, c) for c in captions], model.tokenizer.pad_token_id)
     batch["pixels"] = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=0.1)
     model.train()
@@ -111,7 +111,7 @@ def test_ablation_variants_build_and_train(llama_dir, kw):
         **kw)
     m = MiniGPT4(cfg, LlamaForCausalLM.from_pretrained(llama_dir),
                  AutoTokenizer.from_pretrained(llama_dir))
-    batch = m.collate([m.build_example(None, "a red circle")])
+    batch = collate([example(m, None, "a red circle")], m.tokenizer.pad_token_id)
     batch["pixels"] = torch.randn(1, 3, 20, 20)
     assert m.encode_image(batch["pixels"]).shape == (1, cfg.num_visual_tokens, 48)
     m.train()

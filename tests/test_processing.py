@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from minigpt4_lite import processing
+from minigpt4_lite import images
 from minigpt4_lite.errors import ImageLoadError
+from minigpt4_lite.images import load_image
 from minigpt4_lite.processing import (
     CLIP_MEAN,
     CLIP_STD,
@@ -24,7 +25,6 @@ from minigpt4_lite.processing import (
     clean_caption,
     denormalize,
     image_to_tensor,
-    load_image,
     random_resized_crop_params,
 )
 
@@ -404,9 +404,9 @@ def test_decompression_bomb_header(tmp_path, width, height):
 
 def test_max_image_pixels_is_checked_before_decoding(tmp_path, monkeypatch):
     path = save(noise(20, 20), tmp_path / "small.png")
-    monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 399)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 399)
     assert "small.png" in refused(path, "400 pixels")
-    monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 400)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 400)
     assert load_image(path).size == (20, 20)
 
 

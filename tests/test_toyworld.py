@@ -265,3 +265,16 @@ def test_property_mentions_match_ground_truth(seed, rng_seed):
     rng = random.Random(rng_seed)
     assert mentioned_objects(caption(scene, rng)) == truth(scene)
     assert mentioned_objects(detailed_description(scene, rng)) == truth(scene)
+
+
+def test_package_gives_every_name_of_the_world_and_its_language():
+    """`from minigpt4_lite import toyworld as tw` keeps working for both halves: `tw.render`,
+    `tw.make_scenes` (the scenes) as well as `tw.caption`, `tw.sample_task` (their texts)."""
+    from minigpt4_lite import toyworld as tw
+    from minigpt4_lite.toyworld import language, world
+
+    for module in (world, language):
+        public = [name for name in vars(module) if not name.startswith("_")]
+        assert all(getattr(tw, name) is getattr(module, name) for name in public), module
+    assert {"render", "make_scenes", "Scene"} <= set(vars(world))
+    assert {"caption", "qa_pairs", "sample_task", "TASK_KINDS"} <= set(vars(language))

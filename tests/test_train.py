@@ -12,23 +12,20 @@ import tarfile
 
 import pytest
 import torch
+from conftest import example
 from PIL import Image
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite.checkpoints import load_projection
 from minigpt4_lite.config import ASSETS, MiniGPT4Config, QFormerConfig, VisionConfig
-from minigpt4_lite.data import (
-    CCSBUAlignDataset,
-    JsonlDataset,
-    ToyWorldDataset,
-    WebDatasetCaptions,
-    image_tensor,
-)
+from minigpt4_lite.data import CCSBUAlignDataset, JsonlDataset, WebDatasetCaptions, image_tensor
 from minigpt4_lite.errors import CheckpointError, ConfigError, DataError, TrainingError
-from minigpt4_lite.model import END_SYM, IMAGE_PLACEHOLDER, MAX_TXT_LEN, MiniGPT4
+from minigpt4_lite.model import MiniGPT4
+from minigpt4_lite.prompts import END_SYM, IMAGE_PLACEHOLDER, MAX_TXT_LEN
+from minigpt4_lite.resume import CHECKPOINT
+from minigpt4_lite.toyworld import ToyWorldDataset
 from minigpt4_lite.train import (
-    CHECKPOINT,
     RECIPES,
     TrainConfig,
     build_feature_cache,
@@ -131,8 +128,8 @@ def test_each_stage_has_one_answer_format(model):
         answer = batch["labels"][0][batch["labels"][0] != -100].tolist()
         assert model.tokenizer.decode(answer).endswith(END_SYM[stage])
     # without a stage, `build_example` lays out stage 1 (the chat passes no answer at all)
-    assert model.build_example(None, "a red circle") == model.build_example(
-        None, "a red circle", END_SYM[1], MAX_TXT_LEN[1])
+    assert example(model, None, "a red circle") == example(
+        model, None, "a red circle", end_sym=END_SYM[1], max_txt_len=MAX_TXT_LEN[1])
 
 
 @pytest.mark.skipif(not (ASSETS / "projections" / "stage1" / "config.json").exists(),
@@ -424,7 +421,7 @@ def test_every_data_format_feeds_the_same_pixels(tmp_path):
 
 
 def test_compile_is_auto_for_long_runs_only(model):
-    from minigpt4_lite.train import COMPILE_MIN_STEPS, should_compile
+    from minigpt4_lite.speed import COMPILE_MIN_STEPS, should_compile
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     on_gpu, on_cpu = COMPILE_MIN_STEPS["cuda"], COMPILE_MIN_STEPS["cpu"]

@@ -11,13 +11,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from conftest import example
 
+from minigpt4_lite import interpret, viz
 from minigpt4_lite import toyworld as tw
-from minigpt4_lite import viz
 from minigpt4_lite.checkpoints import load_model, load_projection
 from minigpt4_lite.config import MiniGPT4Config, preset
-from minigpt4_lite.data import Sample, image_tensor, stage2_prompt
+from minigpt4_lite.data import Sample, image_tensor
 from minigpt4_lite.errors import DataError
+from minigpt4_lite.prompts import stage2_prompt
 
 matplotlib.use("Agg")  # no window, whatever the machine
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -67,7 +69,7 @@ def heatmaps_drawn(fig) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("layer,heads", [("mean", "mean"), (0, 1), (-1, "mean")])
 def test_cross_attention_rows_are_distributions(model, layer, heads):
-    fig, d = viz.qformer_cross_attention(model, pixels(model)[0], layer=layer, heads=heads)
+    fig, d = interpret.qformer_cross_attention(model, pixels(model)[0], layer=layer, heads=heads)
     Q, g = model.cfg.num_visual_tokens, grid(model)
     drawn = heatmaps_drawn(fig)  # one panel per query, showing that query's map
     assert len(drawn) == Q
@@ -82,7 +84,7 @@ def test_cross_attention_rows_are_distributions(model, layer, heads):
 
 def test_llm_attention_to_image(model):
     before = model.llm.config._attn_implementation
-    fig, d = viz.llm_attention_to_image(model, pixels(model)[0], max_new_tokens=12)
+    fig, d = interpret.llm_attention_to_image(model, pixels(model)[0], max_new_tokens=12)
     bars = fig.axes[0].containers  # one stacked bar series per part of the attention
     assert len(bars) == len(d["mass"])
     for series, values in zip(bars, d["mass"].values()):
@@ -105,13 +107,13 @@ def test_llm_attention_to_image(model):
 def test_word_spans_group_tokens_into_words(model):
     tok = model.tokenizer
     ids = tok("a red circle", add_special_tokens=False).input_ids
-    spans = viz._word_spans(tok, ids)
+    spans = interpret._word_spans(tok, ids)
     assert [tok.decode([ids[i] for i in s]).strip() for s in spans] == ["a", "red", "circle"]
 
 
 def test_projected_token_lens(model):
     n_layers = model.llm.config.num_hidden_layers
-    fig, d = viz.projected_token_lens(model, pixels(model)[0], k=3, layers=(1, n_layers))
+    fig, d = interpret.projected_token_lens(model, pixels(model)[0], k=3, layers=(1, n_layers))
     Q = model.cfg.num_visual_tokens
     tables = [t for ax in fig.axes for t in ax.tables]  # one per query shown (at most 12)
     assert len(tables) == min(Q, 12)
@@ -126,7 +128,7 @@ def test_projected_token_lens(model):
     assert all(len(row) == 3 for row in d["logit_lens"][n_layers])
     assert len(d["logit_lens"][1]) == Q
     # the lens also runs inside the stage-2 prompt
-    viz.projected_token_lens(model, pixels(model)[0], k=2, prompt=stage2_prompt("Hi."))
+    interpret.projected_token_lens(model, pixels(model)[0], k=2, prompt=stage2_prompt("Hi."))
 
 
 def test_alignment_pca_accepts_models_modules_and_state_dicts(model):
@@ -183,10 +185,10 @@ def test_lens_hits_definition(model, monkeypatch):
             rows.append(torch.stack(vecs + [vecs[0]] * (Q - len(vecs))))
         return torch.stack(rows)
 
-    monkeypatch.setattr(viz, "scene_features",
+    monkeypatch.setattr(interpret, "scene_features",
                         lambda m, s: torch.arange(len(s)).float().view(-1, 1, 1))
     monkeypatch.setattr(model, "project", project)
-    hits = viz.lens_hits(model, scenes, k=1)
+    hits = interpret.lens_hits(model, scenes, k=1)
     assert hits["scene_hits"] == [False, True, True, True]
     n_objects = sum(len(s.objects) for s in scenes)
     assert hits["object_rate"] == pytest.approx((n_objects - 1) / n_objects)
@@ -200,9 +202,9 @@ def test_lens_hit_rate_stage2_beats_untrained():
     torch.manual_seed(0)
     model = load_model(preset("tiny"), projection="")  # untrained: seeded random init
     scenes = tw.make_scenes("heldout", 50)
-    untrained = viz.lens_hit_rate(model, scenes, k=5)
+    untrained = interpret.lens_hit_rate(model, scenes, k=5)
     load_projection(model, STAGE2)
-    stage2 = viz.lens_hit_rate(model, scenes, k=5)
+    stage2 = interpret.lens_hit_rate(model, scenes, k=5)
     assert stage2 >= untrained + 0.3, (untrained, stage2)
 
 
@@ -242,8 +244,8 @@ def test_scene_texts_refuses_texts_not_aligned_with_the_scenes():
 
 def test_loss_mask_marks_bos_prompt_image_and_answer(model):
     prompt = stage2_prompt("Describe this image in detail.")
-    examples = {"stage 1": model.build_example(None, "a red circle", "\n", 32),
-                "stage 2": model.build_example(prompt, "a red circle", "###", 160)}
+    examples = {"stage 1": example(model, None, "a red circle", end_sym="\n", max_txt_len=32),
+                "stage 2": example(model, prompt, "a red circle", end_sym="###", max_txt_len=160)}
     fig, data = viz.loss_mask(model.tokenizer, examples)
     assert list(data) == ["stage 1", "stage 2"] and len(fig.axes) == 2
     Q = model.cfg.num_visual_tokens

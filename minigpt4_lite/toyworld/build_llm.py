@@ -1,0 +1,310 @@
+"""The tiny "Vicuna": a byte-level BPE tokenizer and a small Llama, pretrained on ToyWorld text.
+
+MiniGPT-4 (Sec. 3) keeps its LLM frozen and relies on what it learned elsewhere: Vicuna can read
+soft tokens and answer in the `###Human: ... ###Assistant: ...` template. Our tiny LLM is
+pretrained here, on *text only*, deterministically from a seed:
+
+1. `build_tokenizer`: a byte-level BPE tokenizer trained on the ToyWorld `corpus`, with the
+   template markers (`###`, `<Img>`, `</Img>`, `Human:`, `Assistant:`) as single tokens;
+2. `pretrain_llm`: a `LlamaForCausalLM` trained on captions and on dialogues in every register
+   (`llm_examples`), with the scene given in words or as slot vectors (`slots`): the skill of
+   reading a scene from input vectors, without ever seeing a pixel;
+3. `llm_heldout_metrics`: its held-out perplexity and greedy Q&A accuracy (model card).
+
+Every sequence is laid out by `prompts.build_example` / `prompts.collate`, the very code that
+builds MiniGPT-4's training sequences, and slot vectors go into the image slots through
+`model.insert_image_embeds`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..evaluate import answer_correct, qa_items
+from ..model import insert_image_embeds
+from ..processing import clean_caption
+from ..prompts import (
+    CONV_VISION,
+    END_SYM,
+    IMAGE_MESSAGE,
+    IMAGE_PLACEHOLDER,
+    MAX_TXT_LEN,
+    Example,
+    build_example,
+    collate,
+    stage2_prompt,
+)
+from ..speed import (
+    bucketed,
+    compile_llm,
+    label_tokens,
+    pool_tokens_per_batch,
+    register_eager_fp32,
+)
+from ..train import warmup_cosine
+from .language import TASK_KINDS, caption, qa_pairs, sample_task, scene_in_words
+from .recipe import (
+    FORM_WEIGHTS,
+    FORMS,
+    KIND_WEIGHTS,
+    PLAIN,
+    BuildConfig,
+    bf16_autocast,
+    finite_loss,
+)
+from .slots import N_SLOTS, SlotEncoder, slot_vocabulary
+from .world import Scene
+
+ADDED_TOKENS = ("###", "<Img>", "</Img>", "Human:", "Assistant:")
+QA_TURNS = (3, 6)  # questions per `qa_chat` dialogue
+
+
+# --- 1. tokenizer -------------------------------------------------------------------------------
+def corpus(scenes: list[Scene], rng: random.Random):
+    """Every register of the ToyWorld language, plus the prompt templates."""
+    for scene in scenes:
+        yield caption(scene, rng)
+        for kind in TASK_KINDS:
+            instruction, answer = sample_task(scene, rng, kind)
+            yield stage2_prompt(instruction, image=scene_in_words(scene))
+            yield answer + END_SYM[2]
+    yield CONV_VISION.prompt()
+    yield " ".join(slot_vocabulary()) + " empty background"
+
+
+def build_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer as a transformers fast tokenizer (reloads offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    # The template markers are single tokens, so that `###` (the stop) tokenises one way only.
+    fast.add_tokens(list(ADDED_TOKENS))
+    return fast
+
+
+# --- 2. the LLM's text-only pretraining ---------------------------------------------------------
+def llm_example(scene: Scene, rng: random.Random, form: str, kind_weights=KIND_WEIGHTS
+                ) -> tuple[str | None, str, str, bool]:
+    """One pretraining sample of `form`: (prompt or None, answer, end_sym, uses slot vectors)."""
+    kind = rng.choices(TASK_KINDS, weights=kind_weights)[0]
+    instruction, answer = sample_task(scene, rng, kind)
+    if form == "caption":  # plain caption text, the language of stage 1 (no image)
+        return "", caption(scene, rng), END_SYM[1], False
+    if form == "slot_caption":  # stage 1's layout, `[BOS] [slots] caption\n`, as in its data
+        return None, clean_caption(caption(scene, rng)), END_SYM[1], True
+    if form == "words":
+        return stage2_prompt(instruction, image=scene_in_words(scene)), answer, END_SYM[2], False
+    if form == "slots":
+        return stage2_prompt(instruction), answer, END_SYM[2], True
+    conv = CONV_VISION.copy()  # the chat template, sometimes with an earlier turn
+    if rng.random() < 0.4:
+        q0, a0 = sample_task(scene, rng, "qa")
+        conv.append("Human", f"{IMAGE_MESSAGE} {q0}")
+        conv.append("Assistant", a0)
+        conv.append("Human", instruction)
+    else:
+        conv.append("Human", f"{IMAGE_MESSAGE} {instruction}")
+    conv.append("Assistant", None)
+    return conv.prompt(), " " + answer, END_SYM[2], True
+
+
+def qa_dialogue(tokenizer, scene: Scene, rng: random.Random) -> Example:
+    """A chat about one scene (as slot vectors): several questions, *every* answer supervised.
+
+    One question per sequence gives the LLM a single answer word to learn from; a dialogue of
+    3-6 questions about the same slots teaches it to look things up (which object is red, where
+    the star is) several times per sequence, at little extra length. The later turns continue the
+    chat's layout (`...###Human: q###Assistant: a###`): each is one more `build_example`, without
+    BOS, whose answer carries the loss, appended to the first.
+    """
+    pairs = qa_pairs(scene, rng)
+    rng.shuffle(pairs)
+    pairs = pairs[:rng.randint(*QA_TURNS)]
+    conv = CONV_VISION.copy()
+    conv.append("Human", f"{IMAGE_MESSAGE} {pairs[0][0]}")
+    conv.append("Assistant", None)
+    example = build_example(tokenizer, conv.prompt(), " " + pairs[0][1], n_image_tokens=N_SLOTS,
+                            end_sym=END_SYM[2], max_txt_len=MAX_TXT_LEN[2])
+    for question, answer, _ in pairs[1:]:
+        example = example + build_example(
+            tokenizer, f"Human: {question}###Assistant:", f" {answer}", n_image_tokens=N_SLOTS,
+            end_sym=END_SYM[2], max_txt_len=MAX_TXT_LEN[2], bos=False)
+    return example
+
+
+def llm_examples(tokenizer, scenes: list[Scene], rng: random.Random, form_weights=FORM_WEIGHTS,
+                 kind_weights=KIND_WEIGHTS) -> list[tuple[Example, Scene | None]]:
+    """(token layout, scene or None) per scene; the scene is kept where slot vectors are used."""
+    items = []
+    for scene in scenes:
+        form = rng.choices(FORMS, weights=form_weights)[0]
+        if form == "qa_chat":
+            items.append((qa_dialogue(tokenizer, scene, rng), scene))
+            continue
+        prompt, answer, end_sym, uses_slots = llm_example(scene, rng, form, kind_weights)
+        example = build_example(tokenizer, prompt, answer, n_image_tokens=N_SLOTS,
+                                end_sym=end_sym, max_txt_len=MAX_TXT_LEN[2])
+        items.append((example, scene if uses_slots else None))
+    return items
+
+
+def collate_with_slots(llm: nn.Module, tokenizer, slots: SlotEncoder, items: list, gen, noise
+                       ) -> dict:
+    """Pad a list of `llm_examples` items and put slot vectors into their image slots.
+
+    The slot vectors are computed here, at the step that uses them, because they are built from
+    the embeddings being trained (gradients flow into the word embeddings through them).
+    """
+    batch = collate([example for example, _ in items], tokenizer.pad_token_id)
+    slot_scenes = [scene for _, scene in items if scene is not None]
+    emb = llm.get_input_embeddings()
+    # no slot scenes: an empty [0, N_SLOTS, d] on the LLM's device, as `insert_image_embeds` needs
+    image_embeds = slots(slot_scenes, emb, noise, gen)
+    batch["inputs_embeds"] = insert_image_embeds(llm, batch["input_ids"], batch["image_mask"],
+                                                 image_embeds)
+    return batch
+
+
+def llm_batch(llm: nn.Module, tokenizer, slots: SlotEncoder, scenes: list[Scene], rng, gen,
+              noise, form_weights=FORM_WEIGHTS, kind_weights=KIND_WEIGHTS) -> dict:
+    """A training batch for the LLM: token sequences, with slot vectors in the image slots."""
+    items = llm_examples(tokenizer, scenes, rng, form_weights, kind_weights)
+    return collate_with_slots(llm, tokenizer, slots, items, gen, noise)
+
+
+def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
+    """Pretrain the tiny LLM on `llm_examples` drawn from `scenes`; returns it in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    llm_cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.llm_hidden,
+                          intermediate_size=cfg.llm_mlp, num_hidden_layers=cfg.llm_layers,
+                          num_attention_heads=cfg.llm_heads, max_position_embeddings=512,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    llm = LlamaForCausalLM(llm_cfg).to(cfg.device)
+    slots = SlotEncoder(tokenizer)
+    opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm_lr, weight_decay=0.01)
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    total = cfg.steps(cfg.llm_steps)
+    llm.train()
+    if cfg.llm_attention == "eager_fp32":  # ours: transformers must know it before it is set
+        register_eager_fp32()
+    llm.set_attn_implementation(cfg.llm_attention)  # see `BuildConfig.llm_attention`
+    undo = compile_llm(llm) if cfg.compile else None
+    bar = tqdm(range(total), desc="LLM (text only)")
+    queue: list[list] = []
+    for step in bar:
+        # the project's one schedule, MiniGPT-4's (`train.warmup_cosine`); builds before
+        # 2026-11-29 ran their cosine over the steps after warmup (docs/asset_history.md)
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, total, max(1, total // 12), cfg.llm_lr,
+                                        cfg.llm_lr / 20)
+        if not queue:  # draw the next `llm_bucket_pool` batches at once, bucketed by length
+            pool = [scene for _ in range(cfg.llm_bucket_pool)
+                    for scene in rng.sample(scenes, cfg.llm_batch)]
+            queue = bucketed(llm_examples(tokenizer, pool, rng, cfg.form_weights,
+                                          cfg.kind_weights), cfg.llm_batch, rng)
+            per_batch = pool_tokens_per_batch(queue)
+        items = queue.pop()
+        batch = collate_with_slots(llm, tokenizer, slots, items, gen, cfg.slot_noise)
+        with bf16_autocast(cfg.device):
+            loss = llm(inputs_embeds=batch["inputs_embeds"],
+                       attention_mask=batch["attention_mask"].to(cfg.device),
+                       labels=batch["labels"].to(cfg.device)).loss
+        value = finite_loss(loss, step, "LLM")
+        # the batch's summed loss over the pool's mean tokens per batch (1 without bucketing);
+        # scaled here, outside the compiled forward, which would recompile for each new factor
+        weight = label_tokens(items) / per_batch if cfg.llm_bucket_pool > 1 else 1.0
+        opt.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{value:.3f}")
+    if undo is not None:
+        undo()
+    llm.set_attn_implementation("sdpa")  # the default for everyone who loads it later
+    return llm.eval()
+
+
+# --- 3. what the LLM learned ----------------------------------------------------------------------
+@torch.no_grad()
+def llm_heldout_metrics(llm, tokenizer, scenes: list[Scene], seed: int) -> dict:
+    """Held-out perplexity, and colour-question accuracy with the scene in words or as slots."""
+    slots = SlotEncoder(tokenizer)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    losses = []
+    for i in range(0, len(scenes), 50):
+        # always the single-turn mix of `--plain`, so that perplexities of all builds compare
+        batch = llm_batch(llm, tokenizer, slots, scenes[i:i + 50], rng, gen, 0.0,
+                          PLAIN["form_weights"], PLAIN["kind_weights"])
+        out = llm(inputs_embeds=batch["inputs_embeds"].float(),
+                  attention_mask=batch["attention_mask"].to(llm.device),
+                  labels=batch["labels"].to(llm.device))
+        losses.append(out.loss.item())
+    # "strict": `evaluate.answer_correct` (the first value named; the exact cell); reports of builds
+    # before 2026-11-29 lack this key: their Q&A figures counted the key anywhere in the answer
+    result = {"heldout_perplexity": math.exp(float(np.mean(losses))), "qa_scoring": "strict"}
+    for form in ("words", "slots"):
+        prompts, keys, slot_scenes = [], [], []
+        for scene in scenes:
+            colour_qs = [(q, k) for q, _, k in qa_pairs(scene, rng) if q.startswith("What col")]
+            if not colour_qs:
+                continue
+            q, k = colour_qs[0]
+            content = scene_in_words(scene) if form == "words" else IMAGE_PLACEHOLDER
+            prompts.append(stage2_prompt(q, image=content))
+            keys.append(k)
+            slot_scenes.append(scene)
+        answers = _greedy(llm, tokenizer, slots, prompts,
+                          slot_scenes if form == "slots" else None)
+        correct = [answer_correct(a, k) for a, k in zip(answers, keys)]
+        result[f"colour_qa_accuracy_{form}"] = float(np.mean(correct))
+        result[f"qa_accuracy_{form}"] = qa_by_kind(llm, tokenizer, slots, scenes, form, seed)
+    return result
+
+
+def qa_by_kind(llm, tokenizer, slots: SlotEncoder, scenes: list[Scene], form: str, seed: int
+               ) -> dict:
+    """Greedy Q&A accuracy per kind (colour, count, position, existence), the demo's questions."""
+    items = qa_items(scenes, seed)
+    prompts = [stage2_prompt(q, image=scene_in_words(s) if form == "words" else IMAGE_PLACEHOLDER)
+               for s, (q, _, _) in zip(scenes, items)]
+    answers = _greedy(llm, tokenizer, slots, prompts,
+                      scenes[:len(items)] if form == "slots" else None)
+    by_kind: dict[str, list[bool]] = {}
+    for answer, (_, key, kind) in zip(answers, items):
+        by_kind.setdefault(kind, []).append(answer_correct(answer, key))
+    return {kind: round(float(np.mean(hits)), 4) for kind, hits in sorted(by_kind.items())}
+
+
+def _greedy(llm, tokenizer, slots: SlotEncoder, prompts: list[str], scenes: list[Scene] | None,
+            max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers to prompts (with slot vectors for `scenes`), cut at `###`."""
+    batch = collate([build_example(tokenizer, p, n_image_tokens=N_SLOTS) for p in prompts],
+                    tokenizer.pad_token_id, padding_side="left")
+    emb = llm.get_input_embeddings()
+    image_embeds = slots(scenes or [], emb, 0.0)  # empty for prompts without slots
+    embeds = insert_image_embeds(llm, batch["input_ids"], batch["image_mask"], image_embeds)
+    out = llm.generate(inputs_embeds=embeds,
+                       attention_mask=batch["attention_mask"].to(embeds.device),
+                       max_new_tokens=max_new_tokens, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    return [t.split("###")[0].strip() for t in texts]

@@ -1,0 +1,118 @@
+"""The recipe of the ToyWorld asset build: every setting in one place, and the named variants.
+
+MiniGPT-4 starts from two models pretrained elsewhere (Sec. 3: BLIP-2's ViT + Q-Former and
+Vicuna); `build` pretrains our tiny stand-ins. This module holds what every part of that build
+shares, so that `build_llm`, `build_vision` and `card` can all read it without importing `build`:
+
+- `BuildConfig`, every number of the build (written into the model card), and the recipes of the
+  assets shipped earlier (`PLAIN`, `PREVIOUS`);
+- the LLM's pretraining mix (`FORMS`, `FORM_WEIGHTS`, `KIND_WEIGHTS`);
+- the bf16 autocast both pretrainings run under, and the check that stops a diverging one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TrainingError
+
+# What the LLM reads during pretraining: shares of each form and of each register (TASK_KINDS:
+# detailed, qa, poem, story, caption); see `llm_example` and `qa_dialogue`. Measured over eight
+# LLM builds (README, "How the targets were reached"): 10% `slot_caption` sequences (stage
+# 1's own layout) make stage 1's alignment reliable, and detailed descriptions as 45% of the
+# registers (instead of 30%) gave the LLM that describes scenes best from exact slot vectors.
+FORMS = ("caption", "words", "slots", "chat", "qa_chat", "slot_caption")
+FORM_WEIGHTS = (5, 15, 40, 15, 15, 10)
+KIND_WEIGHTS = (45, 20, 10, 10, 15)
+
+
+LLM_ATTENTIONS = ("sdpa", "eager_fp32", "eager")  # see `BuildConfig.llm_attention`
+VISION_ATTENTIONS = ("sdpa", "explicit")
+
+
+@dataclass
+class BuildConfig:
+    """Every number of the asset build, in one place (written into the model card)."""
+
+    seed: int = 0
+    steps_scale: float = 1.0
+    device: str = "cpu"
+    n_train_scenes: int = 20000
+    vocab_size: int = 1024
+    llm_hidden: int = 256
+    llm_layers: int = 4
+    llm_heads: int = 4
+    llm_mlp: int = 688
+    llm_steps: int = 5000
+    llm_batch: int = 32
+    llm_lr: float = 2e-3
+    # Length-bucketed batches (each batch's loss weighed by its share of the pool's tokens, see
+    # `pool_tokens_per_batch`) and torch.compile of the LLM's forward: 2.3x faster per LLM step
+    # (BENCHMARKS.md "Asset build"). `--plain` turns both off.
+    llm_bucket_pool: int = 8  # batches drawn at once and bucketed by length (1 = no bucketing)
+    compile: bool = True  # torch.compile the LLM for its pretraining
+    vision_compile: bool = False  # the ViT + Q-Former pretraining (not measured faster; eager)
+    # The attention of each pretraining. Explicit attention (softmax(QK^T)V written out) is faster
+    # on this CPU than the fused "sdpa", whose backward is a slow separate kernel for these short
+    # sequences: the ViT + Q-Former 2.0-2.4x per step ("explicit": 203-242 s instead of 487 s),
+    # the compiled LLM 0.27 -> 0.23 s per step ("eager_fp32" = transformers' eager attention with
+    # float32 scores, `eager_fp32_attention`). The LLM loads with "sdpa" afterwards.
+    llm_attention: str = "eager_fp32"
+    vision_attention: str = "explicit"  # or "sdpa"
+    slot_noise: float = 0.5  # std of the noise added to slot vectors, relative to embedding std
+    # shares of the pretraining forms, in the order of `FORMS` (caption, words, slots, chat,
+    # qa_chat, slot_caption); a list in JSON reports
+    form_weights: tuple[int, ...] = FORM_WEIGHTS
+    # shares of the registers where a form draws one (`TASK_KINDS`: detailed, qa, poem, story,
+    # caption; the `qa_chat` dialogues are all Q&A)
+    kind_weights: tuple[int, ...] = KIND_WEIGHTS
+    # weight of the linear words objective of the ViT + Q-Former (`GroundedHeads`); 0 = without
+    vision_words_weight: float = 1.0
+    vision_steps: int = 1500
+    vision_batch: int = 64
+    vision_lr: float = 1e-3
+
+    def steps(self, n: int) -> int:
+        return max(2, int(round(n * self.steps_scale)))
+
+
+# The recipe of the assets shipped before 2026-11-26 evening (`build-assets --plain`): random
+# batches, eager, no multi-turn Q&A dialogues. Its LLM part took 3,369 s here; see the model card
+# for how the two LLMs compare.
+PLAIN = {"llm_bucket_pool": 1, "compile": False, "llm_attention": "sdpa",
+         "vision_attention": "sdpa", "form_weights": (15, 20, 45, 20, 0, 0),
+         "kind_weights": (30, 30, 15, 10, 15), "vision_words_weight": 0.0}
+
+# The recipe of the assets shipped from 2026-11-26 evening to 2026-11-27 (`build-assets
+# --previous`, 2,303 s here): fused attention, no slot-caption sequences, the registers 30/30/15/
+# 10/15, and the ViT + Q-Former without the words objective. Its LLM read exact slot vectors well
+# (5.5% failed descriptions) but its build took 38 minutes, and through the projection the demo
+# failed 11.5% of descriptions, with stage-1 caption recall 0.881 and position answers 24%
+# (README, "How the targets were reached").
+PREVIOUS = {"llm_attention": "sdpa", "vision_attention": "sdpa",
+            "form_weights": (15, 15, 40, 15, 15, 0), "kind_weights": (30, 30, 15, 10, 15),
+            "vision_words_weight": 0.0}
+
+
+def bf16_autocast(device: str):
+    """The autocast both pretrainings run under (bf16, on the CPU or the GPU)."""
+    # bf16 autocast was 1.2-1.4x faster than float32 on this kind of CPU (prototype measurement)
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                          dtype=torch.bfloat16)
+
+
+def finite_loss(loss: torch.Tensor, step: int, part: str) -> float:
+    """The loss as a float; a NaN/inf one stops the build before that part is saved.
+
+    Seen once on a GPU (bf16 autocast, the LLM of seed 1): the loss became NaN and, unchecked, the
+    build saved a NaN model whose every answer was empty.
+    """
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingError(f"The {part} pretraining loss became {value} at step {step}; the "
+                            "build stopped and did not save this part. Try another --seed, or "
+                            "--device cpu (the recipe the shipped assets were built with).")
+    return value
