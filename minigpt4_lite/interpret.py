@@ -8,12 +8,15 @@ matplotlib Figure and the numbers drawn in it.
 - `llm_attention_to_image`: how much each generated word attends to the visual tokens, and where
   in the image that points once composed with the Q-Former's cross-attention;
 - `projected_token_lens`: the vocabulary tokens nearest to each projected visual token (a lens);
-- `lens_hits` / `lens_hit_rate`: the lens as numbers over many scenes.
+- `lens_hits` / `lens_hit_rate`: the lens as numbers over many scenes;
+- `explorer`: the three readings of one image as an interactive widget (ipywidgets).
 (Plots of training, of alignment as geometry and of the data are in `viz`.)
 """
 
 from __future__ import annotations
 
+import html
+import io
 import textwrap
 from contextlib import contextmanager
 
@@ -63,7 +66,7 @@ def _show(ax, pixels, heat=None, vmax=None, title=None):
     if heat is not None:  # attention per patch; nearest keeps the patch grid visible
         im = ax.imshow(np.asarray(heat), cmap="magma", alpha=0.6, vmin=0, vmax=vmax,
                        interpolation="nearest", extent=(0, 1, 1, 0))
-    ax.set_xticks([]), ax.set_yticks([]), ax.set_title(title or "", fontsize=8)
+    ax.set_xticks([]), ax.set_yticks([]), ax.set_title(title or "", fontsize=9)
     return im
 
 
@@ -76,7 +79,7 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 
 @torch.no_grad()
-def _nearest_tokens(model, vectors: torch.Tensor, k: int):
+def nearest_tokens(model, vectors: torch.Tensor, k: int):
     """Cosine top-k of `vectors` [M, d] among the LLM's input embeddings: (cos, ids), [M, k]."""
     emb = F.normalize(model.llm.get_input_embeddings().weight.float(), dim=-1)
     top = (F.normalize(vectors.float().to(emb.device), dim=-1) @ emb.T).topk(k, dim=-1)
@@ -84,16 +87,25 @@ def _nearest_tokens(model, vectors: torch.Tensor, k: int):
 
 
 @torch.no_grad()
-def _cross_attention(model, pixels, layer="mean", heads="mean") -> torch.Tensor:
-    """Q-Former cross-attention of one image [Q, 1+N] (CLS first); every row sums to 1."""
+def qformer_attention_weights(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The Q-Former's raw cross-attention of one image: [cross layers, heads, Q, 1+N], CLS first.
+
+    Row `[layer, head, q]` is query q's attention over the ViT's tokens (CLS, then the patches
+    row by row); it sums to 1. Chapter 5's first exercise turns it into one query's map.
+    """
     tokens = model.vit(_one(pixels).to(model.vit.patch_embed.weight.device))
     cross = torch.stack(model.qformer(tokens, return_attentions=True)[1]["cross"])
-    cross = cross[:, 0].float().cpu()  # [cross layers, heads, Q, 1+N]
+    return cross[:, 0].float().cpu()
+
+
+def _cross_attention(model, pixels, layer="mean", heads="mean") -> torch.Tensor:
+    """Q-Former cross-attention of one image [Q, 1+N] (CLS first); every row sums to 1."""
+    cross = qformer_attention_weights(model, pixels)  # [cross layers, heads, Q, 1+N]
     cross = cross.mean(0) if layer == "mean" else cross[layer]
     return cross.mean(0) if heads == "mean" else cross[heads]
 
 
-def _patch_maps(model, att: torch.Tensor) -> torch.Tensor:
+def patch_maps(model, att: torch.Tensor) -> torch.Tensor:
     """Drop the CLS column and renormalise over the patches: [Q, 1+N] -> [Q, g, g]."""
     g = model.cfg.vision.image_size // model.cfg.vision.patch_size
     return (att[:, 1:] / att[:, 1:].sum(-1, keepdim=True)).view(-1, g, g)
@@ -110,7 +122,7 @@ def qformer_cross_attention(model, pixels: torch.Tensor, layer="mean", heads="me
     data: `attention` [Q, 1+N] (raw rows, sum 1), `cls_mass` [Q], `patch_attention` [Q, g, g].
     """
     att = _cross_attention(model, pixels, layer, heads)
-    maps = _patch_maps(model, att)
+    maps = patch_maps(model, att)
     Q, cols = len(att), 5 if len(att) <= 10 else 8
     rows = -(-Q // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols + 0.8, 2.0 * rows + 0.6),
@@ -154,6 +166,8 @@ def llm_attention_to_image(model, pixels: torch.Tensor,
     dropped, renormalised); each sums to 1 over the patches. Like attention rollout, this treats
     attention as the only path: it ignores residual connections, MLPs and the norms of the value
     vectors, so it shows where attention points, not what information flows.
+    data: `text`, `words`, `mass` (the four shares per word), `attention` [words, T] (the rows),
+    `visual_mask` [T], `to_visual` [words, Q], `query_maps` [Q, g, g], `heatmaps` [words, g, g].
     """
     pixels, tok = _one(pixels), model.tokenizer
     image_embeds = model.encode_image(pixels)
@@ -180,23 +194,29 @@ def llm_attention_to_image(model, pixels: torch.Tensor,
             "prompt text": rows[:, prompt_text].sum(-1),
             "answer so far": rows[:, n_prompt:].sum(-1)}
     to_visual = rows[:, visual] / rows[:, visual].sum(-1, keepdim=True)
-    query_maps = _patch_maps(model, _cross_attention(model, pixels))  # [Q, g, g]
+    query_maps = patch_maps(model, _cross_attention(model, pixels))  # [Q, g, g]
     heatmaps = torch.einsum("wq,qij->wij", to_visual, query_maps)
     content = [i for i, w in enumerate(words) if w.strip(".,;:!?").isalpha()
                and w.strip(".,;:!?").lower() not in STOPWORDS]
     shown = content[:n_heatmaps]
 
-    fig = plt.figure(figsize=(max(10.0, 1.6 * (len(shown) + 1)), 6.0), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.3, 0.8])
-    ax, x, stack = top.subplots(), np.arange(len(words)), np.zeros(len(words))
-    for (name, values), colour in zip(mass.items(), ("tab:red", "0.6", "tab:blue", "tab:green")):
-        ax.bar(x, values.numpy(), bottom=stack, color=colour, label=name, width=0.8)
-        stack += values.numpy()
-    ax.set_xticks(x, words, rotation=60, ha="right", fontsize=8 if len(words) < 30 else 6)
-    ax.set_ylim(0, 1), ax.set_xlim(-0.6, max(len(words), 1) - 0.4)
-    ax.set_ylabel("attention share\n(mean over layers, heads)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    ax.set_title(textwrap.shorten(f"{prompt_instruction!r} -> {text!r}", 150), fontsize=9)
+    per_row = 18  # words per row of bars: labels stay at 10 pt however long the answer
+    chunks = [list(range(s, min(s + per_row, len(words)))) for s in range(0, len(words) or 1,
+                                                                          per_row)]
+    fig = plt.figure(figsize=(11.0, 2.3 * len(chunks) + 2.9), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[2.3 * len(chunks), 2.9])
+    bar_axes = top.subplots(len(chunks), 1, squeeze=False)[:, 0]
+    for ax, chunk in zip(bar_axes, chunks):
+        x, stack = np.arange(len(chunk)), np.zeros(len(chunk))
+        for (name, values), colour in zip(mass.items(), ("tab:red", "0.6", "tab:blue",
+                                                         "tab:green")):
+            ax.bar(x, values[chunk].numpy(), bottom=stack, color=colour, label=name, width=0.8)
+            stack += values[chunk].numpy()
+        ax.set_xticks(x, [words[i] for i in chunk], rotation=45, ha="right", fontsize=10)
+        ax.set_ylim(0, 1), ax.set_xlim(-0.6, per_row - 0.4), ax.set_ylabel("attention share")
+    bar_axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
+    top.suptitle(textwrap.shorten(f"{prompt_instruction!r} -> {text!r}", 150) + "\nshare of "
+                 "each word's attention (mean over layers and heads)", fontsize=10)
     panels = bottom.subplots(1, len(shown) + 1, squeeze=False)[0]
     _show(panels[0], pixels[0], title="image")
     for ax, i in zip(panels[1:], shown):
@@ -205,9 +225,10 @@ def llm_attention_to_image(model, pixels: torch.Tensor,
     if shown:
         bottom.colorbar(im, ax=panels, shrink=0.8, label="share over patches")
     bottom.suptitle("word -> visual tokens -> patches (attention only; ignores residuals, MLPs, "
-                    "value norms)", fontsize=9)
+                    "value norms)", fontsize=10)
     return fig, {"text": text, "words": words, "token_spans": spans, "mass": mass,
-                 "to_visual": to_visual, "heatmaps": heatmaps, "content_words": content}
+                 "attention": rows, "visual_mask": visual, "to_visual": to_visual,
+                 "query_maps": query_maps, "heatmaps": heatmaps, "content_words": content}
 
 
 # --- 3. the lens: which tokens are the projected visual tokens near? ------------------------------
@@ -228,7 +249,7 @@ def projected_token_lens(model, pixels: torch.Tensor, k: int = 5, layers=None,
     n_layers = model.llm.config.num_hidden_layers
     layers = layers or sorted({max(1, n_layers // 3), max(1, 2 * n_layers // 3), n_layers})
     image_embeds = model.encode_image(pixels)
-    cos, ids = _nearest_tokens(model, image_embeds[0], k)
+    cos, ids = nearest_tokens(model, image_embeds[0], k)
     nearest = [[(_token_text(tok, i), c) for i, c in zip(r, cr)]
                for r, cr in zip(ids.tolist(), cos.tolist())]
     batch = collate([build_example(model.tokenizer, prompt,
@@ -244,7 +265,7 @@ def projected_token_lens(model, pixels: torch.Tensor, k: int = 5, layers=None,
             model.llm.get_decoder().norm(out.hidden_states[layer][0]))
         top = logits[where].topk(k, dim=-1).indices.cpu()
         lens[layer] = [[_token_text(tok, i) for i in r] for r in top.tolist()]
-    maps = _patch_maps(model, _cross_attention(model, pixels))
+    maps = patch_maps(model, _cross_attention(model, pixels))
 
     queries = list(queries if queries is not None else range(min(len(nearest), 12)))
     fig, axes = plt.subplots(-(-len(queries) // 2), 4, squeeze=False, layout="constrained",
@@ -287,7 +308,7 @@ def lens_hits(model, scenes: list[tw.Scene], k: int = 5, batch_size: int = 256) 
     scene_hit, object_hit, named, right = [], [], 0, 0
     for i in range(0, len(scenes), batch_size):
         tokens = model.project(features[i:i + batch_size])
-        _, ids = _nearest_tokens(model, tokens.flatten(0, 1), k)
+        _, ids = nearest_tokens(model, tokens.flatten(0, 1), k)
         for scene, row in zip(scenes[i:i + batch_size], ids.view(tokens.shape[0], -1).tolist()):
             found = {cache.setdefault(t, tok.decode([t]).strip().lower()) for t in row}
             hits = [o.colour in found and o.shape in found for o in scene.objects]
@@ -303,3 +324,92 @@ def lens_hits(model, scenes: list[tw.Scene], k: int = 5, batch_size: int = 256) 
 def lens_hit_rate(model, scenes: list[tw.Scene], k: int = 5) -> float:
     """Share of scenes whose pooled top-k lens words name every object (see `lens_hits`)."""
     return lens_hits(model, scenes, k)["scene_rate"]
+
+
+# --- 5. the three readings as a widget ------------------------------------------------------------
+def overlay_png(pixels: torch.Tensor, heat=None, size: int = 220) -> bytes:
+    """One image [3, S, S] with a patch heatmap [g, g] blended on top (magma), as PNG bytes."""
+    from PIL import Image
+
+    img = denormalize(pixels.detach().float().cpu()).permute(1, 2, 0).clamp(0, 1).numpy()
+    if heat is not None:  # nearest upscaling keeps the patch grid visible
+        heat = torch.as_tensor(heat).float().cpu().numpy()
+        heat = heat / max(float(heat.max()), 1e-12)
+        big = Image.fromarray(heat).resize(img.shape[1::-1], Image.NEAREST)
+        img = 0.4 * img + 0.6 * plt.get_cmap("magma")(np.asarray(big))[..., :3]
+    out = Image.fromarray((img * 255).round().astype(np.uint8)).resize((size, size), Image.NEAREST)
+    buffer = io.BytesIO()
+    out.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def explorer(model, pixels: torch.Tensor, prompt_instruction: str = "Describe this image in "
+             "detail.", max_new_tokens: int = 48, k: int = 5):
+    """Chapter 5 to click through (ipywidgets, works in Colab): three tabs over one image.
+
+    *Words*: pick a generated word, see where the LLM looked in the image (the heatmap of
+    `llm_attention_to_image`) and how its attention splits; *Queries*: pick a learned query, see
+    its Q-Former cross-attention and its CLS share (`qformer_cross_attention`); *Visual tokens*:
+    pick a projected visual token, see its nearest words and logit lens (`projected_token_lens`).
+    Returns an `ipywidgets.Tab` with `.controls` (name -> Dropdown), `.views` (name -> (Image,
+    HTML)) and `.data` (the three functions' data). Nothing is printed, the figures are closed.
+    """
+    import ipywidgets as w
+
+    pixels = _one(pixels)
+    data = {}
+    for name, (draw, kwargs) in {
+            "look": (llm_attention_to_image, {"prompt_instruction": prompt_instruction,
+                                              "max_new_tokens": max_new_tokens}),
+            "cross": (qformer_cross_attention, {}),
+            "lens": (projected_token_lens, {"k": k, "queries": [0]})}.items():
+        fig, data[name] = draw(model, pixels, **kwargs)
+        plt.close(fig)
+    look, cross, lens = data["look"], data["cross"], data["lens"]
+    maps = cross["patch_attention"]
+
+    def word_view(i):
+        shares = " · ".join(f"{n} {v[i]:.0%}" for n, v in look["mass"].items())
+        top = look["to_visual"][i].topk(min(3, maps.shape[0]))
+        tokens = ", ".join(f"token {q} ({v:.0%})" for v, q in zip(top.values, top.indices))
+        return look["heatmaps"][i], (f"<b>{html.escape(look['words'][i])}</b><br>{shares}<br>"
+                                     f"most read visual tokens: {tokens}")
+
+    def query_view(q):
+        cls = float(cross["cls_mass"][q])
+        return maps[q], (f"<b>query {q}</b><br>CLS token {cls:.0%} of its attention, image "
+                         f"patches {1 - cls:.0%} (the map shows the patches' share)")
+
+    def token_view(q):
+        rows = "".join(f"<tr><td>{html.escape(t)}</td><td>{c:.2f}</td></tr>"
+                       for t, c in lens["nearest"][q])
+        deep = "<br>".join(f"logit lens L{layer}: " + html.escape(" ".join(guess[q]))
+                           for layer, guess in lens["logit_lens"].items())
+        return maps[q], (f"<b>visual token {q}</b> (from query {q}; map: where the query looks)"
+                         f"<table><tr><th>nearest word</th><th>cosine</th></tr>{rows}</table>"
+                         f"{deep}")
+
+    words = [(f"{i}: {word}", i) for i, word in enumerate(look["words"])]
+    Q = maps.shape[0]
+    tab, tab.controls, tab.views = w.Tab(), {}, {}
+    for name, options, view, start in (
+            ("word", words, word_view, (look["content_words"] or [0])[0]),
+            ("query", [(f"query {q}", q) for q in range(Q)], query_view, 0),
+            ("token", [(f"visual token {q}", q) for q in range(Q)], token_view, 0)):
+        pick = w.Dropdown(options=options, value=start if options else None, description=name)
+        image, text = w.Image(format="png", width=220, height=220), w.HTML()
+
+        def update(change=None, pick=pick, image=image, text=text, view=view):
+            if pick.value is not None:
+                heat, image_html = view(pick.value)
+                image.value, text.value = overlay_png(pixels[0], heat), image_html
+
+        pick.observe(update, names="value")
+        update()
+        tab.controls[name], tab.views[name] = pick, (image, text)
+        tab.children = (*tab.children, w.VBox([pick, w.HBox([image, text])]))
+    for i, title in enumerate(("Words: where the LLM looked", "Queries: Q-Former",
+                               "Visual tokens: nearest words")):
+        tab.set_title(i, title)
+    tab.data = data
+    return tab

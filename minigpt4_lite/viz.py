@@ -4,7 +4,8 @@
 - `alignment_pca`: visual tokens moving next to the words that describe them, stage by stage
   (what the trained projection of Sec. 3.1 does, seen in the LLM's input space);
 - the workbook's pictures: `scene_texts` (each scene above the texts written about it),
-  `loss_mask` (the token sequence and which positions carry a loss), `metrics_table` (text).
+  `loss_mask` (the token sequence and which positions carry a loss), `metrics_table` (text);
+- `architecture_diagram`: the paper's Fig. 1 drawn from a model's (or a preset's) real sizes.
 (Attention maps and the lens, looking inside the model, are in `interpret`.)
 """
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import toyworld as tw
-from .checkpoints import read_projection
+from .checkpoints import build_meta, read_projection
 from .errors import DataError
 from .model import MiniGPT4
 from .prompts import Example
@@ -285,9 +286,105 @@ def loss_mask(tokenizer, examples: dict[str, Example], per_row: int = 28):
     return fig, data
 
 
-def metrics_table(results: dict[str, dict], register: str, keys, title: str | None = None) -> str:
-    """`evaluate` results as a plain-text table: one row per model, one column per metric."""
+def metrics_table(results: dict[str, dict], register: str, keys, title: str | None = None,
+                  markdown: bool = False) -> str:
+    """`evaluate` results as a table: one row per model, one column per metric. Plain text, or
+    with `markdown=True` a Markdown table (show it with `IPython.display.Markdown`)."""
+    if markdown:
+        rows = [f"| {title or register} | " + " | ".join(keys) + " |",
+                "|---|" + "---:|" * len(keys)]
+        return "\n".join(rows + [f"| {name} | " + " | ".join(f"{r[register][k]:.3f}" for k in keys)
+                                 + " |" for name, r in results.items()])
     lines = [f"{title or register:<32}" + "".join(f"{k:>19}" for k in keys)]
     lines += [f"{name:<32}" + "".join(f"{r[register][k]:>19.3f}" for k in keys)
               for name, r in results.items()]
     return "\n".join(lines)
+
+
+# --- 4. the architecture (paper Fig. 1) -----------------------------------------------------------
+FROZEN, TRAINED = "#bfdbfe", "#fdba74"  # box colours: blue = frozen, orange = trained
+
+
+def _architecture(model: MiniGPT4) -> dict:
+    """The numbers `architecture_diagram` draws, read from a model (real or on the meta device)."""
+    cfg, counts = model.cfg, model.param_counts()
+    S, width = cfg.vision.image_size, cfg.vision.width
+    N, d_llm = cfg.vision.num_patches, model.llm.config.hidden_size
+    first = model.llama_proj if cfg.projection == "linear" else model.llama_proj[0]
+    Q, feat, grid = cfg.num_visual_tokens, first.in_features, S // cfg.vision.patch_size
+
+    def trained(module) -> bool:
+        return module is not None and any(p.requires_grad for p in module.parameters())
+
+    bridge = ({"name": "Q-Former", "detail": f"{Q} learned queries",
+               "params": counts["qformer_params"] + counts["query_tokens"],
+               "trained": trained(model.qformer)} if model.qformer is not None else
+              {"name": "no Q-Former", "detail": "4 adjacent patches concatenated", "params": 0,
+               "trained": False})
+    parts = [
+        {"name": "ViT + ln_vision", "detail": f"{cfg.vision.layers} blocks, {grid}x{grid} patches",
+         "params": counts["vision_params"],
+         "trained": trained(model.vit)},
+        bridge,
+        {"name": "linear projection" if cfg.projection == "linear" else "3-layer MLP",
+         "detail": "llama_proj", "params": counts["projection_params"],
+         "trained": trained(model.llama_proj)},
+        {"name": "LLM", "detail": f"{model.llm.config.num_hidden_layers} layers, "
+         f"vocab {model.llm.config.vocab_size:,}", "params": counts["llm_params"],
+         "trained": trained(model.llm)},
+    ]
+    shapes = [[3, S, S], [1 + N, width], [Q, feat], [Q, d_llm]]
+    return {"preset": cfg.name, "image_size": S, "n_patches": N, "vit_width": width,
+            "n_visual_tokens": Q, "feature_dim": feat, "d_llm": d_llm,
+            "trainable_params": counts["trainable_params"], "parts": parts, "shapes": shapes}
+
+
+def architecture_diagram(source, image=None):
+    """MiniGPT-4 as in the paper's Fig. 1 (Sec. 3), drawn from a model's real configuration.
+
+    image -> ViT (+ln_vision) -> Q-Former -> linear projection -> LLM -> text, each part coloured
+    frozen (blue) or trained (orange, whatever `requires_grad` says) with its parameter count,
+    and the tensor shape of one image on every arrow (batch dimension left out). `source` is a
+    `MiniGPT4` (the shapes of the loaded model) or a `MiniGPT4Config` with `llm_arch`, such as
+    `preset("minigpt4-7b")`: then the model is built on the meta device (nothing is downloaded
+    or allocated). `image` (an RGB array) is drawn as the input, else a plain box.
+    data: `parts` (name, params, trained), `shapes` (one per arrow) and the sizes they come from.
+    """
+    model = source if isinstance(source, MiniGPT4) else build_meta(source)
+    data = _architecture(model)
+    fig, ax = plt.subplots(figsize=(16, 3.5), layout="constrained")
+    ax.set(xlim=(0, 17.1), ylim=(-1.2, 1.9), aspect="equal"), ax.axis("off")
+    xs, w, h = [3.7, 7.1, 10.5, 13.9], 2.2, 1.5  # box centres; the image sits left, text right
+    if image is not None:
+        ax.imshow(image, extent=(0.2, 1.4, 0.05, 1.25), zorder=2, aspect="auto")
+    else:
+        ax.add_patch(plt.Rectangle((0.2, 0.05), 1.2, 1.2, fc="white", ec="0.3", ls="--"))
+        ax.text(0.8, 0.65, "image", ha="center", va="center", fontsize=10)
+    for x, part in zip(xs, data["parts"]):
+        ax.add_patch(plt.Rectangle((x - w / 2, 0.65 - h / 2), w, h, lw=1.2, ec="0.25",
+                                   fc=TRAINED if part["trained"] else FROZEN, zorder=2))
+        ax.text(x, 0.95, part["name"], ha="center", va="center", fontsize=10.5,
+                fontweight="bold", zorder=3)
+        ax.text(x, 0.55, part["detail"], ha="center", va="center", fontsize=8, zorder=3)
+        ax.text(x, 0.2, f"{'trained' if part['trained'] else 'frozen'}: {part['params']:,}",
+                ha="center", va="center", fontsize=8.5, zorder=3)
+    names = ["pixels", "CLS + patches", "query outputs", "visual tokens"]
+    starts = [1.45] + [x + w / 2 for x in xs[:3]]
+    for x0, x1, shape, name in zip(starts, [x - w / 2 for x in xs], data["shapes"], names):
+        ax.annotate("", (x1 - 0.03, 0.65), (x0 + 0.03, 0.65),
+                    arrowprops=dict(arrowstyle="-|>", lw=1.5))
+        ax.text((x0 + x1) / 2, 0.78, str(shape), ha="center", va="bottom", fontsize=9)
+        ax.text((x0 + x1) / 2, 0.52, name, ha="center", va="top", fontsize=7.5, color="0.35")
+    llm_x = xs[3]
+    ax.annotate("", (llm_x + w / 2 + 0.95, 0.65), (llm_x + w / 2 + 0.03, 0.65),
+                arrowprops=dict(arrowstyle="-|>", lw=1.5))
+    ax.text(llm_x + w / 2 + 1.05, 0.65, "text,\none token\nat a time", va="center", fontsize=9)
+    ax.annotate("", (llm_x, 0.65 - h / 2), (llm_x, -0.7), arrowprops=dict(arrowstyle="-|>"))
+    ax.text(llm_x, -0.75, f"prompt tokens; the {data['n_visual_tokens']} visual tokens fill the "
+            "<ImageHere> slot", ha="center", va="top", fontsize=8.5)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, fc=FROZEN, ec="0.25", label="frozen"),
+                       plt.Rectangle((0, 0), 1, 1, fc=TRAINED, ec="0.25", label="trained")],
+              loc="lower left", fontsize=9, frameon=False, ncol=2)
+    ax.set_title(f"MiniGPT-4 ({data['preset']}): shapes per image on the arrows, "
+                 f"{data['trainable_params']:,} trained parameters", fontsize=11)
+    return fig, data

@@ -10,14 +10,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(2)
 
 
-def example(model, prompt, answer=None, **kwargs):
-    """`prompts.build_example` with the model's tokenizer and number of visual tokens."""
-    from minigpt4_lite.prompts import build_example
-
-    return build_example(model.tokenizer, prompt, answer,
-                         n_image_tokens=model.cfg.num_visual_tokens, **kwargs)
-
-
 def tiny_blip2(seed: int = 0, image_size: int = 30, patch: int = 10, width: int = 32,
                qhidden: int = 24, n_query: int = 5, text_hidden: int = 40):
     """A randomly initialised `Blip2ForConditionalGeneration` with a tiny LLaMA text model."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import example
+from helpers import example
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import example
+from helpers import example
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from minigpt4_lite.config import MiniGPT4Config, QFormerConfig, VisionConfig

@@ -99,3 +99,17 @@ def test_license_is_an_spdx_expression_that_setuptools_reads_without_warnings():
     deprecations = [str(w.message).splitlines()[0] for w in caught  # setuptools' own, not those
                     if w.category.__name__ == "SetuptoolsDeprecationWarning"]  # of plugins
     assert not deprecations
+
+
+def test_every_subpackage_is_packaged():
+    """A plain `pip install .` (a wheel, not an editable install) must ship `toyworld/`,
+    `exercises/` and any other subpackage, not only the top-level modules."""
+    pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    found = {init.parent.relative_to(ROOT).as_posix().replace("/", ".")
+             for init in (ROOT / "minigpt4_lite").rglob("__init__.py")}
+    assert {"minigpt4_lite.toyworld", "minigpt4_lite.exercises"} <= found
+    assert found <= set(dist.packages), f"not packaged: {sorted(found - set(dist.packages))}"

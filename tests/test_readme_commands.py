@@ -12,7 +12,8 @@ fails `test_every_readme_command_is_covered`, so a new command cannot be added u
   parser and show `--help`;
 - commands that need the real 7B/13B weights are parsed by the real parser only;
 - `./run` runs with `SKIP_SETUP=1` (the current environment, no pip), `pytest` commands collect,
-  `jupyter nbconvert` executes a one-cell notebook with the printed options.
+  `jupyter nbconvert` executes a one-cell notebook with the printed options; `./run lab` starts
+  JupyterLab for real, and the test asks the server for the chapters and starts a kernel.
 """
 
 from __future__ import annotations
@@ -92,10 +93,12 @@ def how_checked(argv: list[str]) -> str | None:
         if sub in TRAINING_JOBS:
             return "training"
         return None
-    if argv[:1] == ["./run"] and argv[1:2] in (["demo"], ["test"]):
+    if argv[:1] == ["./run"] and argv[1:2] in (["demo"], ["test"], ["lab"]):
         return "run-script"
     if argv[:2] == ["pytest", "--nbval-lax"]:
         return "pytest"
+    if argv[:1] == ["pytest"] and all(a.startswith("tests/") for a in argv[1:2]):
+        return "pytest-tests"
     if argv[:2] == ["jupyter", "nbconvert"]:
         return "nbconvert"
     if argv[:2] == ["jupyter", "lab"]:
@@ -211,11 +214,15 @@ def test_readme_long_jobs_show_help():
 
 @pytest.mark.slow
 def test_readme_run_script_commands():
-    """`./run demo` and `./run test` dispatch as printed (no set-up: the current environment)."""
+    """`./run demo`, `lab` and `test` dispatch as printed (no set-up: the current environment)."""
     venv = str(Path(sys.executable).parent.parent)
-    for argv in commands_checked_by("run-script"):
+    commands = commands_checked_by("run-script")
+    assert {argv[1] for argv in commands} == {"demo", "lab", "test"}
+    for argv in commands:
         if argv[1] == "demo":
             assert "usage:" in _run([*argv, "--help"], SKIP_SETUP="1", VENV=venv)
+        elif argv[1] == "lab":  # JupyterLab takes the options after `lab`, then prints its version
+            assert re.match(r"\d+\.", _run([*argv, "--version"], SKIP_SETUP="1", VENV=venv))
         else:  # ruff, then pytest collects every test and notebook
             out = _run([*argv, "--collect-only", "-q"], SKIP_SETUP="1", VENV=venv)
             assert "tests/test_readme_commands.py" in out and ".ipynb" in out
@@ -228,6 +235,12 @@ def test_notebook_pytest_commands_collect():
             argv.append("notebooks/01_alignment.ipynb")
         out = _run([sys.executable, "-m", *argv, "--collect-only", "-q"])
         assert "01_alignment.ipynb" in out
+
+
+def test_pytest_commands_on_tests_collect():
+    for argv in commands_checked_by("pytest-tests"):
+        out = _run([sys.executable, "-m", *argv, "--collect-only", "-q", "-p", "no:cacheprovider"])
+        assert f"{argv[1]}::" in out  # it names real tests (none collected: exit code 5)
 
 
 @pytest.mark.slow
@@ -279,3 +292,87 @@ def test_inline_option_fragments_exist():
                 known = {o for a in subparsers[words[0]]._actions for o in a.option_strings}
                 flags = {w.split("=")[0] for w in words[1:] if w.startswith("--")}
                 assert flags <= known, f"{path.name}: `{span}` names {flags - known}"
+
+
+def _get(url: str, token: str, method: str = "GET") -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, method=method,
+                                     headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read() or b"{}")
+
+
+def _execute(url: str, token: str, code: str) -> str:
+    """Run `code` in a Jupyter kernel over its websocket (the way the browser does); its stdout."""
+    import uuid
+
+    import websocket  # websocket-client, a dependency of jupyter_server
+
+    ws = websocket.create_connection(url.replace("http", "ws", 1), timeout=60,
+                                     header=[f"Authorization: token {token}"])
+    msg_id = uuid.uuid4().hex
+    ws.send(json.dumps({"header": {"msg_id": msg_id, "msg_type": "execute_request",
+                                   "username": "test", "session": uuid.uuid4().hex,
+                                   "version": "5.3"},
+                        "parent_header": {}, "metadata": {}, "channel": "shell",
+                        "content": {"code": code, "silent": False}}))
+    out = ""
+    try:
+        while True:
+            msg = json.loads(ws.recv())
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out += msg["content"]["text"]
+            elif msg["msg_type"] == "error":
+                pytest.fail("\n".join(msg["content"]["traceback"]))
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return out
+    finally:
+        ws.close()
+
+
+@pytest.mark.slow
+def test_run_lab_serves_the_workbook_with_a_kernel(tmp_path):
+    """`./run lab --no-browser --port P`: the server answers, its file browser is rooted at
+    notebooks/ (the chapters at the top), and its Python kernel imports the package."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token, url = "readme-test", f"http://127.0.0.1:{port}/api"
+    env = {**_env(), "SKIP_SETUP": "1", "VENV": str(Path(sys.executable).parent.parent),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}
+    as_root = ["--allow-root"] if os.geteuid() == 0 else []  # CI containers run as root
+    lab = subprocess.Popen(["./run", "lab", "--no-browser", "--port", str(port), *as_root,
+                            "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}"],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        for _ in range(120):
+            try:
+                assert "started" in _get(f"{url}/status", token)
+                break
+            except OSError:
+                assert lab.poll() is None, f"./run lab stopped:\n{lab.stdout.read()}"
+                time.sleep(0.5)
+        else:
+            pytest.fail("JupyterLab did not answer within 60 s")
+        chapters = {item["name"] for item in _get(f"{url}/contents", token)["content"]}
+        assert {"01_alignment.ipynb", "05_attention_and_projected_tokens.ipynb"} <= chapters
+        assert "python3" in _get(f"{url}/kernelspecs", token)["kernelspecs"]
+        kernel = _get(f"{url}/kernels", token, method="POST")
+        assert "minigpt4_lite" in _execute(f"{url}/kernels/{kernel['id']}/channels", token,
+                                           "import minigpt4_lite; print(minigpt4_lite.__name__)")
+        _get(f"{url}/kernels/{kernel['id']}", token, method="DELETE")
+    finally:
+        lab.terminate()
+        try:
+            lab.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            lab.kill()
+            lab.wait()

@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import example
+from helpers import example
 from PIL import Image
 from transformers import AutoTokenizer, LlamaForCausalLM
 

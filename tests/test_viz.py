@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from conftest import example
+from helpers import example
 
 from minigpt4_lite import interpret, viz
 from minigpt4_lite import toyworld as tw
@@ -283,3 +283,48 @@ def test_metrics_table_rows_and_columns():
                                 "mean_words"]
     assert lines[1].split() == ["untrained", "0.030", "11.260"]
     assert lines[2].split() == ["trained", "0.952", "12.000"]
+
+
+def _drawn_texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def test_architecture_diagram_of_the_loaded_model_matches_its_forward_pass(model):
+    """Fig. 1 from the tiny model: every arrow carries the shape the model really computes."""
+    fig, data = viz.architecture_diagram(model)
+    x = pixels(model)
+    with torch.no_grad():
+        patches = model.vit(x)
+        features = model.visual_features(x)
+        tokens = model.encode_image(x)
+    assert data["shapes"] == [list(x.shape[1:]), list(patches.shape[1:]),
+                              list(features.shape[1:]), list(tokens.shape[1:])]
+    assert [p["trained"] for p in data["parts"]] == [False, False, True, False]
+    assert data["trainable_params"] == sum(p.numel() for p in model.trainable_parameters())
+    texts = _drawn_texts(fig)
+    for part in data["parts"]:  # one box per part: its name and its parameter count
+        assert part["name"] in texts
+        assert any(f"{part['params']:,}" in t for t in texts), part
+    for shape in data["shapes"]:
+        assert str(shape) in texts
+
+
+def test_architecture_diagram_of_the_7b_preset_without_weights():
+    """The real 7B: shapes and counts from the config alone (built on the meta device)."""
+    fig, data = viz.architecture_diagram(preset("minigpt4-7b"))
+    assert data["shapes"] == [[3, 224, 224], [257, 1408], [32, 768], [32, 4096]]
+    assert (data["n_visual_tokens"], data["feature_dim"], data["d_llm"]) == (32, 768, 4096)
+    assert data["trainable_params"] == 3_149_824 == 768 * 4096 + 4096
+    parts = {p["name"]: p for p in data["parts"]}
+    assert parts["LLM"]["params"] == 6_738_423_808 and not parts["LLM"]["trained"]
+    assert parts["linear projection"]["trained"]
+    assert "frozen: 6,738,423,808" in _drawn_texts(fig)
+    assert "trained: 3,149,824" in _drawn_texts(fig)
+
+
+def test_architecture_diagram_shows_what_an_ablation_trains():
+    """Table 5's finetuned Q-Former: the Q-Former box turns trained, the count includes it."""
+    _, data = viz.architecture_diagram(preset("minigpt4-7b", freeze_qformer=False))
+    parts = {p["name"]: p for p in data["parts"]}
+    assert parts["Q-Former"]["trained"] and parts["linear projection"]["trained"]
+    assert data["trainable_params"] == 3_149_824 + parts["Q-Former"]["params"]
