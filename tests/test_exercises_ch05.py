@@ -1,21 +1,16 @@
 """Chapter 5's checkers (`exercises.ch05`): a right answer passes, a blank is "not done yet",
 and the usual slips raise an `ExerciseError` that says where (which query, word, token or cell)."""
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import STAGE2, stage2_model_and_scene
 
 from minigpt4_lite import interpret
-from minigpt4_lite import toyworld as tw
-from minigpt4_lite.checkpoints import load_model
-from minigpt4_lite.config import preset
-from minigpt4_lite.data import Sample, image_tensor
 from minigpt4_lite.exercises import ExerciseError, ch05
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-pytestmark = pytest.mark.skipif(not (ASSETS / "projections" / "stage2").is_dir(),
+pytestmark = pytest.mark.skipif(not STAGE2.is_dir(),
                                 reason="needs the tiny model and its stage-2 projection in assets/")
 
 
@@ -23,9 +18,7 @@ pytestmark = pytest.mark.skipif(not (ASSETS / "projections" / "stage2").is_dir()
 def setup():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = load_model(preset("tiny"), projection=str(ASSETS / "projections" / "stage2"))
-    scene = tw.make_scenes("heldout", 1)[0]
-    pixels = image_tensor(Sample("", scene, None, ""), model.cfg.vision.image_size)
+    model, pixels = stage2_model_and_scene()
     _, look = interpret.llm_attention_to_image(model, pixels, max_new_tokens=24)
     yield model, pixels, look
     torch.set_num_threads(before)

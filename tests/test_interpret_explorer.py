@@ -1,21 +1,16 @@
 """Chapter 5's explorer (`interpret.explorer`): it builds on the real tiny model, each tab shows
 the data of its figure function, and picking a word, a query or a visual token redraws its view."""
 
-from pathlib import Path
 
 import matplotlib
 import pytest
 import torch
+from helpers import STAGE2, stage2_model_and_scene
 
 from minigpt4_lite import interpret
-from minigpt4_lite import toyworld as tw
-from minigpt4_lite.checkpoints import load_model
-from minigpt4_lite.config import preset
-from minigpt4_lite.data import Sample, image_tensor
 
 matplotlib.use("Agg")
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-pytestmark = pytest.mark.skipif(not (ASSETS / "projections" / "stage2").is_dir(),
+pytestmark = pytest.mark.skipif(not STAGE2.is_dir(),
                                 reason="needs the tiny model and its stage-2 projection in assets/")
 
 
@@ -23,9 +18,7 @@ pytestmark = pytest.mark.skipif(not (ASSETS / "projections" / "stage2").is_dir()
 def built():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = load_model(preset("tiny"), projection=str(ASSETS / "projections" / "stage2"))
-    scene = tw.make_scenes("heldout", 1)[0]
-    pixels = image_tensor(Sample("", scene, None, ""), model.cfg.vision.image_size)
+    model, pixels = stage2_model_and_scene()
     yield model, pixels, interpret.explorer(model, pixels, max_new_tokens=24)
     torch.set_num_threads(before)
 
