@@ -1,7 +1,9 @@
 """Chatting with MiniGPT-4 (paper Sec. 4; docs/official.md, "Chat"): generation, `Chat`, batches.
 
-The template is `prompts.CONV_VISION` (the official one): a system prompt, roles `Human` and
-`Assistant`, separator `###`. Its prompt is `system###Human: msg###Assistant: msg###...Assistant:`.
+The template is the official one of the model's LLM family, `prompts.TEMPLATES[cfg.template]`:
+for Vicuna `CONV_VISION` (a system prompt, roles `Human` and `Assistant`, separator `###`: the
+prompt is `system###Human: msg###Assistant: msg###...Assistant:`), for Llama-2 `CONV_LLAMA2`
+(`system<s>[INST] msg [/INST] `). Answers stop at `###` or the LLM's end-of-sequence token.
 
 Two kinds of text enter that template. A user's question is `sanitize`d before it is stored (it
 must not open a turn or add an image slot). The model's answer is returned and stored exactly as
@@ -24,9 +26,9 @@ import torch
 from .errors import ConfigError, ImageLoadError, MiniGPT4Error
 from .processing import ImageProcessor
 from .prompts import (
-    CONV_VISION,
     IMAGE_MESSAGE,
     IMAGE_PLACEHOLDER,
+    TEMPLATES,
     build_example,
     collate,
     sanitize,
@@ -155,10 +157,11 @@ _HELD_BACK = re.compile(r"[\s#]+\Z")  # a streamed piece's end that may yet be t
 class Chat:
     """A multi-turn, multi-image chat with MiniGPT-4, as the official demo's `Chat` (Sec. 4).
 
-    `upload(image)` adds the Human message `<Img><ImageHere></Img>` and stores the image's visual
-    tokens; `ask(text)` adds a question (after a space, in the same message, right after an
-    upload); `answer()` generates from `conv.prompt()` with the `Assistant:` turn open, cut at
-    `###`, and returns and stores the answer as generated (see `protect` for its prompt copy).
+    The template is the model's (`TEMPLATES[model.cfg.template]`). `upload(image)` adds the
+    user's message `<Img><ImageHere></Img>` and stores the image's visual tokens; `ask(text)` adds
+    a question (after a space, in the same message, right after an upload); `answer()` generates
+    from `conv.prompt()` with the assistant's turn open, cut at the stop (`###`), and returns and
+    stores the answer as generated (see `protect` for its prompt copy).
     When the prompt + `max_new_tokens` would exceed `settings.max_length` or the LLM's
     `max_position_embeddings`, the oldest context is cut (see `_fit`) and a sentence is added to
     `notices` and logged as a warning: the chat never crashes on a long conversation.
@@ -166,12 +169,13 @@ class Chat:
 
     def __init__(self, model, settings: GenerationSettings | None = None):
         self.model, self.settings = model, settings or GenerationSettings()
+        self.template = TEMPLATES[model.cfg.template]
         self.processor = ImageProcessor(model.cfg.vision.image_size)
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation and the images (`notices` too)."""
-        self.conv = CONV_VISION.copy()
+        self.conv = self.template.conversation.copy()
         self.images: list[torch.Tensor] = []  # visual tokens [Q, d], one per `<ImageHere>`
         self.notices: list[str] = []
 
@@ -212,7 +216,7 @@ class Chat:
         try:
             settings = self._fit(settings or self.settings)
             out = generate(self.model, [self.conv.prompt()], self._image_embeds(), settings,
-                           streamer=streamer)[0]
+                           stop=self.template.stop, streamer=streamer)[0]
         except BaseException:  # undo the open turn and any context cut: the chat stays usable
             self.conv.messages, self.images, n_notices = before
             del self.notices[n_notices:]
@@ -223,10 +227,10 @@ class Chat:
     def stream(self, text: str | None = None, settings: GenerationSettings | None = None):
         """Ask `text` (if given) and yield the answer in pieces as they are generated.
 
-        transformers' `TextIteratorStreamer` is fed by `generate` in a thread; pieces stop before
-        `###`. Trailing spaces, newlines and `#` are held back until more text follows them, so
-        that the pieces join to the answer that `answer()` returns (and stores). Beam search cannot
-        stream: it yields the whole answer at once. Errors are re-raised.
+        transformers' `TextIteratorStreamer` is fed by `generate` in a thread; pieces end before
+        the stop (`###`). Trailing spaces, newlines and `#` are held back until more text follows
+        them, so that the pieces join to the answer that `answer()` returns (and stores). Beam
+        search cannot stream: it yields the whole answer at once. Errors are re-raised.
         """
         from transformers import TextIteratorStreamer
 
@@ -252,7 +256,7 @@ class Chat:
         so_far, shown = "", ""
         for piece in streamer:
             so_far += piece
-            visible = _HELD_BACK.sub("", so_far.split(self.conv.sep)[0]).lstrip()
+            visible = _HELD_BACK.sub("", so_far.split(self.template.stop)[0]).lstrip()
             if len(visible) > len(shown):
                 yield visible[len(shown):]
                 shown = visible
@@ -364,5 +368,6 @@ def answer_batch(model, images: list, question: str,
     chat.ask(question)
     chat.conv.append(chat.conv.roles[1], None)
     settings = chat._fit(chat.settings)
-    outs = generate(model, [chat.conv.prompt()] * len(images), embeds, settings)
+    outs = generate(model, [chat.conv.prompt()] * len(images), embeds, settings,
+                    stop=chat.template.stop)
     return [o.text for o in outs]  # as generated, as `Chat.answer` returns them

@@ -1,9 +1,11 @@
 """Reading and writing weights: HF BLIP-2 parts, any HF causal LM, the official projection `.pth`,
-and our own safetensors folders.
+and our own safetensors folders (files are found by `hub.resolve_file`).
 
-Loading is strict (nanoGPT style): every tensor of ours must be found with the right shape, and
-every tensor of the source under the prefixes we read must be used; anything else is a
-`CheckpointError` that names the tensor. User files are read as safetensors or with
+Loading is frugal, for a free Colab T4 (15 GB GPU, about 12 GB of RAM): the LLM goes shard by
+shard straight to its device (optionally in 8/4 bit), the visual tensors one by one in their
+dtype. Loading is strict (nanoGPT style): every tensor of ours must be found with the right
+shape, and every tensor of the source under the prefixes we read must be used; anything else is
+a `CheckpointError` that names the tensor. User files are read as safetensors or with
 `torch.load(weights_only=True)`, which refuses pickles that would run code.
 """
 
@@ -20,8 +22,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import DTYPES, OFFICIAL_PROJECTIONS, MiniGPT4Config, QFormerConfig, VisionConfig
+from .config import DTYPES, MiniGPT4Config, QFormerConfig, VisionConfig
 from .errors import CheckpointError, ConfigError
+from .hub import load_tokenizer, missing_projection_message, resolve_file
 from .model import MiniGPT4
 from .qformer import hf_qformer_keys
 from .vision import hf_vision_keys
@@ -30,62 +33,6 @@ log = logging.getLogger(__name__)
 
 VISUAL_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 PROJECTION_FILE = "projection.safetensors"
-
-
-# --- finding files (local folder first, then the hub) ------------------------------------------
-def resolve_file(source: str, filename: str) -> Path | None:
-    """`source/filename` for a local folder, else the file `filename` of hub repository `source`.
-
-    Returns None only when the file is really absent: a local folder without it, or a hub
-    repository that answers "no such file". Anything else that stops the download (no network or
-    offline mode with the file not cached, a private or gated repository, an id that is neither a
-    folder nor a repository) is a `CheckpointError` that says what failed.
-    """
-    local = Path(source).expanduser()
-    if local.is_dir():
-        path = local / filename
-        return path if path.exists() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    where = f"{source}/{filename}"
-    try:
-        return Path(hf_hub_download(source, filename))
-    except LocalEntryNotFoundError as e:  # offline or no network, and not in the local cache
-        raise CheckpointError(
-            f"Cannot download {where}: the hub cannot be reached from here ({_first_line(e)}) "
-            "and the file is not in the local cache. Go online (unset HF_HUB_OFFLINE), or "
-            "download the files elsewhere and pass their local folder.") from e
-    except EntryNotFoundError:  # the repository exists and has no such file
-        return None
-    except GatedRepoError as e:
-        raise CheckpointError(
-            f"{source!r} is a gated hub repository: accept its conditions on "
-            f"https://huggingface.co/{source} and log in (`hf auth login`, or set HF_TOKEN) "
-            f"({_first_line(e)}).") from e
-    except RepositoryNotFoundError as e:
-        raise CheckpointError(
-            f"{source!r} is neither a folder on this machine nor a hub repository you can "
-            "access: check the path or id, and log in for a private one (`hf auth login`, or "
-            f"set HF_TOKEN) ({_first_line(e)}).") from e
-    except HFValidationError as e:
-        raise CheckpointError(f"{source!r} is neither a folder on this machine nor a valid hub "
-                              f"id ({_first_line(e)}).") from e
-    except (OSError, ValueError) as e:  # any other HTTP error, a full disk...
-        raise CheckpointError(f"Downloading {where} failed: {_first_line(e)}") from e
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message, with that of its cause (hub errors wrap the
-    network error that made them)."""
-    lines = [str(x).strip().splitlines()[0] for x in (e, e.__cause__) if x and str(x).strip()]
-    return "; ".join(lines) or type(e).__name__
 
 
 def _visual_shards(source: str) -> list[Path]:
@@ -113,15 +60,23 @@ def _visual_shards(source: str) -> list[Path]:
     return [single]
 
 
-def read_tensors(files: list[Path], prefixes: tuple[str, ...] | None = None) -> dict:
-    """Read the tensors whose names start with one of `prefixes` from safetensors files."""
+def read_tensors(files: list[Path], prefixes: tuple[str, ...] | None = None,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> dict:
+    """Read the tensors whose names start with one of `prefixes` from safetensors files.
+
+    Each tensor is moved to `device` and its floats cast to `dtype` as soon as it is read, so a
+    file's tensors never all sit in RAM in the file's dtype (float32 for BLIP-2's ViT: 3.9 GB).
+    """
     tensors = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     if prefixes is None or key.startswith(prefixes):
-                        tensors[key] = f.get_tensor(key)
+                        t = f.get_tensor(key)
+                        tensors[key] = t.to(device or t.device, dtype if dtype is not None
+                                            and t.is_floating_point() else t.dtype)
         except Exception as e:  # truncated or not a safetensors file
             raise CheckpointError(f"Cannot read {path}: it is not a complete safetensors file "
                                   f"({e}).") from e
@@ -150,7 +105,9 @@ def load_with_key_map(module: torch.nn.Module, tensors: dict, key_map: dict[str,
             raise CheckpointError(f"{source}: tensor {theirs!r} has shape {list(t.shape)}, "
                                   f"expected {list(ours[name].shape)}.")
         new_state[name] = t
-    module.load_state_dict(new_state, strict=True, assign=ours[next(iter(ours))].is_meta)
+    # assign: the module takes the tensors read (already in its dtype, on its device) instead of
+    # copying them into its own, so the weights are never twice in memory
+    module.load_state_dict(new_state, strict=True, assign=True)
 
 
 def visual_configs_from_hf(source: str) -> tuple[VisionConfig, QFormerConfig] | None:
@@ -174,27 +131,33 @@ def visual_configs_from_hf(source: str) -> tuple[VisionConfig, QFormerConfig] | 
     return vision, qformer
 
 
-def load_blip2_visual(model: MiniGPT4, source: str) -> None:
+def load_blip2_visual(model: MiniGPT4, source: str, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> None:
     """Load ViT + ln_vision + Q-Former + query tokens from an HF BLIP-2 checkpoint (folder or id).
 
-    Reads only `vision_model.*`, `qformer.*` and `query_tokens` (docs/official.md).
+    Reads only `vision_model.*`, `qformer.*` and `query_tokens` (docs/official.md), each tensor
+    moved to `device` in `dtype` as it is read (default: the ViT's own). Without a Q-Former only
+    `vision_model.*` is read. With `ln_vision="fresh"` the checkpoint's trained `post_layernorm`
+    is not used: ln_vision keeps weight 1 and bias 0, as in the official Llama-2 model.
     """
-    tensors = read_tensors(_visual_shards(source), VISUAL_PREFIXES)
-    vit_map = hf_vision_keys(model.cfg.vision)
-    if model.qformer is None:  # no-Q-Former ablation: the Q-Former tensors are simply not used
-        tensors = {k: v for k, v in tensors.items() if k.startswith("vision_model.")}
-        load_with_key_map(model.vit, tensors, vit_map, source)
-        return
+    own = next(model.vit.parameters())
+    device, dtype = device or own.device, dtype or own.dtype
+    prefixes = VISUAL_PREFIXES if model.qformer is not None else ("vision_model.",)
+    tensors = read_tensors(_visual_shards(source), prefixes, device, dtype)
+    if model.cfg.ln_vision == "fresh":  # never loaded officially (docs/official.md, "Llama-2")
+        for key, value in model.vit.ln_vision.state_dict().items():
+            tensors[f"vision_model.post_layernorm.{key}"] = value.to(device, dtype)
     vit_t = {k: v for k, v in tensors.items() if k.startswith("vision_model.")}
-    q_t = {k: v for k, v in tensors.items() if not k.startswith("vision_model.")}
-    load_with_key_map(model.vit, vit_t, vit_map, source)
-    load_with_key_map(model.qformer, q_t, hf_qformer_keys(model.cfg.qformer), source)
+    load_with_key_map(model.vit, vit_t, hf_vision_keys(model.cfg.vision), source)
+    if model.qformer is not None:
+        q_t = {k: v for k, v in tensors.items() if not k.startswith("vision_model.")}
+        load_with_key_map(model.qformer, q_t, hf_qformer_keys(model.cfg.qformer), source)
 
 
 # --- the LLM ------------------------------------------------------------------------------------
 def resolve_dtype(dtype: str, device: str) -> str:
-    """The LLM's dtype: `auto` is float16 on CUDA (the official code's choice) and float32
-    elsewhere (a CPU computes float16 slowly and rounds it differently at every layer, so a
+    """The LLM's (or the ViT's) dtype: `auto` is float16 on CUDA (the official code's choice) and
+    float32 elsewhere (a CPU computes float16 slowly and rounds it differently at every layer, so a
     float16 answer drifts from the float32 one within a few tokens)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
@@ -230,43 +193,13 @@ def quantization_config(quantization: str, device: str, dtype: str):
                               bnb_4bit_compute_dtype=compute)
 
 
-def _load_tokenizer(source: str):
-    """`AutoTokenizer.from_pretrained`, with the one missing piece a Vicuna v0 folder needs named.
-
-    The merged Vicuna v0 folders ship a SentencePiece `tokenizer.model` and no `tokenizer.json`:
-    transformers converts it, which needs the `sentencepiece` and `protobuf` packages.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except OSError as e:
-        raise CheckpointError(f"Cannot load the tokenizer of {source!r}: "
-                              f"{str(e).splitlines()[0]}") from e
-    except (ImportError, ValueError) as e:
-        if not _installed("sentencepiece") or not _installed("google.protobuf"):
-            raise ConfigError(
-                f"Cannot read the tokenizer of {source!r}: converting a SentencePiece "
-                "tokenizer.model (the Vicuna v0 folders have one, and no tokenizer.json) needs "
-                "two more packages: pip install sentencepiece protobuf.") from e
-        raise CheckpointError(f"Cannot load the tokenizer of {source!r}: "
-                              f"{str(e).splitlines()[0]}") from e
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is missing
-        return False
-
-
 def load_llm(source: str, *, quantization: str = "none", dtype: str = "float32",
              device: str = "cpu"):
     """Any transformers causal LM + its tokenizer, optionally 8/4-bit (bitsandbytes).
 
-    `dtype` is float32, float16, bfloat16 or `auto` (see `resolve_dtype`).
+    `dtype` is float32, float16, bfloat16 or `auto` (see `resolve_dtype`). `device_map=device`
+    makes transformers read the checkpoint shard by shard, tensor by tensor, straight onto the
+    device (quantising on the way): the whole LLM is never in CPU RAM (a T4 machine has ~12 GB).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -278,11 +211,11 @@ def load_llm(source: str, *, quantization: str = "none", dtype: str = "float32",
                     "tokens; --dtype auto (float32 there) is exact.", device)
     log.info("Loading the LLM %s in %s on %s", source, dtype, device)
     qcfg = quantization_config(quantization, device, dtype)
-    kwargs = {"dtype": _torch_dtype(dtype)}
+    kwargs = {"dtype": _torch_dtype(dtype), "device_map": device}
     if qcfg is not None:
-        kwargs.update(quantization_config=qcfg, device_map=device)
+        kwargs["quantization_config"] = qcfg
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    tokenizer = _load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
     try:
         llm = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
@@ -292,8 +225,6 @@ def load_llm(source: str, *, quantization: str = "none", dtype: str = "float32",
             raise ConfigError(f"bitsandbytes could not load {source!r} in {quantization} on "
                               f"{device}: {str(e).splitlines()[0]}") from e
         raise
-    if qcfg is None:
-        llm.to(device)
     if tokenizer.pad_token is None:  # LLaMA has none; official MiniGPT-4 pads with EOS...
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token  # ...labels mask it anyway
     llm.eval()
@@ -408,14 +339,15 @@ def load_model(cfg: MiniGPT4Config, *, device: str = "cpu", projection: str | No
     """Build `MiniGPT4` with real weights: BLIP-2 visual parts, the LLM, and the projection.
 
     `cfg.vision_qformer` and `cfg.llm` are local folders or hub ids; the LLM is loaded in
-    `cfg.dtype` (`auto`: float16 on CUDA, float32 elsewhere; ViT and Q-Former stay float32). The
-    projection comes from `projection`, else `cfg.projection_checkpoint`. A named file that does
-    not exist is a `CheckpointError` (for a real preset it says where the official file is),
-    raised before anything large is loaded; `projection=""` asks for an untrained projection.
+    `cfg.dtype`, the frozen ViT and Q-Former in `cfg.vision_dtype` (`auto`: float16 on CUDA, as
+    the official `vit_precision: fp16`, float32 elsewhere), all straight onto `device`. The
+    projection (float32) comes from `projection`, else `cfg.projection_checkpoint`. A named file
+    that does not exist is a `CheckpointError` (for a real preset it says where the official file
+    is), raised before anything large is loaded; `projection=""` asks for an untrained projection.
     """
     source = projection if projection is not None else cfg.projection_checkpoint
     if load_projection_weights and source and not Path(source).expanduser().exists():
-        raise CheckpointError(missing_projection_message(cfg, source))
+        raise CheckpointError(missing_projection_message(cfg.name, source))
     hf_arch = visual_configs_from_hf(cfg.vision_qformer) if cfg.vision_qformer else None
     if hf_arch is not None:
         cfg.vision, qformer = hf_arch
@@ -423,26 +355,13 @@ def load_model(cfg: MiniGPT4Config, *, device: str = "cpu", projection: str | No
     llm, tokenizer = load_llm(cfg.llm, quantization=cfg.quantization, dtype=cfg.dtype,
                               device=device)
     model = MiniGPT4(cfg, llm, tokenizer)
-    load_blip2_visual(model, cfg.vision_qformer)
-    model.vit.to(device)
-    if model.qformer is not None:
-        model.qformer.to(device)
+    vision_dtype = _torch_dtype(resolve_dtype(cfg.vision_dtype, device))
+    load_blip2_visual(model, cfg.vision_qformer, device, vision_dtype)
+    if model.qformer is not None and not cfg.freeze_qformer:  # a trained Q-Former learns in fp32
+        model.qformer.float()
     model.llama_proj.to(device)
     if load_projection_weights and source:
         load_projection(model, source)
     else:
         log.info("llama_proj is left untrained (randomly initialised), as asked.")
     return model
-
-
-def missing_projection_message(cfg: MiniGPT4Config, source: str) -> str:
-    """What to do when the projection file is not there; for a real preset, where to get it."""
-    if cfg.name not in OFFICIAL_PROJECTIONS:
-        return (f"Projection checkpoint {source} does not exist: pass an existing folder or file "
-                "(CLI: --projection PATH; --projection none for an untrained projection).")
-    name, url = OFFICIAL_PROJECTIONS[cfg.name]
-    return (f"Projection checkpoint {source} does not exist. The {cfg.name} preset needs the "
-            f"official MiniGPT-4 projection {name}: download it from {url} (linked from the "
-            f"official README) and pass --projection /path/to/{name} (library: "
-            "load_model(cfg, projection=...)); --projection none (projection=\"\") chats through "
-            "an untrained, random projection instead.")

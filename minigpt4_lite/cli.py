@@ -1,4 +1,4 @@
-"""The command line: `python -m minigpt4_lite {info,demo,train,eval,chat,build-assets} ...`.
+"""The command line: `python -m minigpt4_lite {info,demo,train,eval,chat,answer,prepare-data,...}`.
 
 Only the CLI prints. Errors a user can cause (`MiniGPT4Error`) become one line on stderr and exit
 code 2, never a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def _load(args, projection: str | None = None):
                                    ("dtype", getattr(args, "dtype", None)))
                  if v}
     cfg = preset(args.preset, **overrides)
-    device = getattr(args, "device", None) or ("cuda" if _cuda() else "cpu")
+    # under torchrun / accelerate launch each process loads onto its own GPU, not all onto GPU 0
+    gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    device = getattr(args, "device", None) or (gpu if _cuda() else "cpu")
     if projection is not None and projection.lower() == "none":
         projection = ""
     return load_model(cfg, device=device, projection=projection)
@@ -76,14 +79,21 @@ def cmd_train(args) -> int:
     from .train import recipe, train
 
     model = _load(args, projection=args.init_projection or "")
-    if args.data == "toyworld":
+    template = model.cfg.template  # the stage-2 wrap of this LLM family (Vicuna or Llama-2)
+    if args.mix or args.stream:
+        from .stream import ShardStream, StreamConfig, parse_mix
+
+        dataset = ShardStream(StreamConfig(parse_mix(args.mix) if args.mix else args.data,
+                                           args.shuffle_buffer, workers=args.workers))
+    elif args.data == "toyworld":
         dataset = ToyWorldDataset(args.stage, args.n_scenes, seed=args.seed)
     elif args.data.endswith(".jsonl"):
-        dataset = JsonlDataset(args.data, stage=args.stage, skip_bad=args.skip_bad)
+        dataset = JsonlDataset(args.data, stage=args.stage, skip_bad=args.skip_bad,
+                               template=template)
     elif args.data.endswith(".tar") or "{" in args.data:
         dataset = WebDatasetCaptions(args.data, skip_bad=args.skip_bad)
     else:
-        dataset = CCSBUAlignDataset(args.data, skip_bad=args.skip_bad)
+        dataset = CCSBUAlignDataset(args.data, skip_bad=args.skip_bad, template=template)
     name = f"{args.recipe}-stage{args.stage}"
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("lr", args.lr), ("grad_accum", args.grad_accum),
@@ -116,15 +126,13 @@ def cmd_chat(args) -> int:
     """Chat about one image: answer `--prompt` and exit, or read questions from stdin."""
     import torch
 
-    from .chat import Chat, ChatInputError, GenerationSettings
+    from .chat import Chat, ChatInputError
     from .images import load_image
 
     if args.prompt is not None and not args.prompt.strip():
         raise ChatInputError("The --prompt is empty: give a question about the image.")
     load_image(args.image)  # a missing or broken image or bad option fails fast, before loading
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                                  do_sample=not args.greedy, temperature=args.temperature,
-                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    settings = _settings(args, do_sample=not args.greedy)
     model = _load(args, projection=args.projection)
     torch.manual_seed(args.seed)  # sampling is repeatable too; --greedy needs no seed
     chat = Chat(model, settings)
@@ -155,6 +163,53 @@ def cmd_chat(args) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         for notice in chat.notices[n_notices:]:
             print(f"note: {notice}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _settings(args, do_sample: bool):
+    """The `GenerationSettings` of the generation options (`_generation_options`)."""
+    from .chat import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                              do_sample=do_sample, temperature=args.temperature,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+
+
+def cmd_answer(args) -> int:
+    """Answer many images in batches; one JSON line per image, in input order."""
+    import torch
+
+    from .chat import ChatInputError
+    from .infer import answer_images, read_items, write_jsonl
+
+    if args.prompt is not None and not args.prompt.strip():
+        raise ChatInputError("The --prompt is empty: give a question about the images.")
+    items = read_items(args.inputs, args.prompt)  # bad inputs fail fast, before loading
+    settings = _settings(args, do_sample=args.sample)
+    model = _load(args, projection=args.projection)
+    torch.manual_seed(args.seed)
+    records = answer_images(model, items, batch_size=args.batch_size, settings=settings)
+    write_jsonl(records, args.out)
+    failed = sum("error" in r for r in records)
+    where = "" if args.out == "-" else f" to {args.out}"
+    print(f"answered {len(records) - failed} of {len(records)} images{where}"
+          + (f"; {failed} failed (see their \"error\")" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_prepare_data(args) -> int:
+    """Your images and captions as stage-1 webdataset shards or a stage-2 cc_sbu_align folder."""
+    from .prepare import REPORT, prepare
+
+    report = prepare(args.src, args.out, stage=args.stage, shard_size=args.shard_size,
+                     max_size=args.max_size, overwrite=args.overwrite)
+    skipped = ", ".join(f"{why}: {n}" for why, n in report["skipped"].items()) or "none"
+    what = f"{report['shards']} shard(s)" if args.stage == 1 else "a cc_sbu_align folder"
+    print(f"wrote {report['written']} pairs as {what} in {args.out} (skipped {skipped}; "
+          f"details in {Path(args.out) / REPORT})")
+    start = " --init-projection runs/my_stage1" if args.stage == 2 else ""
+    print(f"train on them: python -m minigpt4_lite train --stage {args.stage} "
+          f"--data '{report['data']}'{start} --out runs/my_stage{args.stage}")
     return 0
 
 
@@ -250,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "to eager if compiling fails)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) broken samples")
     p.add_argument("--seed", type=int, default=42)
+    # stage 1 at scale (docs/scale.md): shards streamed, never read into memory
+    p.add_argument("--stream", action="store_true", help="stream the --data shards")
+    p.add_argument("--mix", action="append", metavar="NAME=URLS:RATIO", help="a streamed source "
+                   "and its sample ratio, once per source, e.g. 'laion=l/{00000..10488}.tar:115'")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="per source and worker")
+    p.add_argument("--workers", type=int, default=4, help="stream decoding processes per GPU")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate on held-out ToyWorld scenes (Table-3 metrics)")
@@ -269,13 +330,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projection", help="our projection folder/file or an official .pth "
                    "(default: the preset's); 'none': an untrained projection, on purpose")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (deterministic)")
-    p.add_argument("--max-new-tokens", type=int, default=300)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    _generation_options(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("answer", help="answer many images in batches (JSONL of answers out)")
+    _model_options(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders of images, or .jsonl files of "
+                        "{\"image\": path, \"prompt\": text} lines (paths relative to the file)")
+    p.add_argument("--prompt", help="the question for every image (JSONL lines may carry their "
+                   "own \"prompt\")")
+    p.add_argument("--projection", help="projection folder/file (default: the preset's)")
+    p.add_argument("--out", default="-", help="JSONL file of {\"image\", \"prompt\", "
+                   "\"answer\"} lines, in input order; an image that fails gets \"error\" "
+                   "instead and the exit code is 1 (default '-': stdout)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generate call")
+    p.add_argument("--sample", action="store_true",
+                   help="sample with --temperature / --top-p (default: greedy, repeatable)")
+    _generation_options(p)
+    p.set_defaults(func=cmd_answer)
+
+    p = sub.add_parser("prepare-data", help="your images + captions as stage-1 shards or a "
+                       "stage-2 cc_sbu_align folder")
+    p.add_argument("src", help="a folder of images with side-car captions (cat.jpg + cat.txt), "
+                   "or a .jsonl / .csv file of image,caption pairs (paths relative to the file)")
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True,
+                   help="1: webdataset shards (jpg + json{caption}); 2: a cc_sbu_align folder "
+                        "(filter_cap.json + image/{id}.jpg)")
+    p.add_argument("--out", required=True, help="the folder to create")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (stage 1)")
+    p.add_argument("--max-size", type=int,
+                   help="shrink images whose longer side is larger than this (pixels)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser("curate", help="the stage-2 curation pipeline (paper Sec. 3.2) on ToyWorld")
     _model_options(p)
@@ -335,6 +422,16 @@ def _model_options(p) -> None:
     p.add_argument("--dtype", choices=DTYPES,
                    help="the LLM's dtype (default: the preset's; the real presets' 'auto' is "
                         "float16 on CUDA, as the official code, and float32 on a CPU)")
+
+
+def _generation_options(p) -> None:
+    """The generation settings (defaults: the official demo's, docs/official.md)."""
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
-"""Configuration dataclasses and the presets (`tiny`, `minigpt4-7b`, `minigpt4-13b`).
+"""Configuration dataclasses and the presets (`tiny`, `minigpt4-7b`, `minigpt4-13b`,
+`minigpt4-llama2`).
 
 A config is a plain dataclass: no YAML, no registry. It is saved as JSON next to the weights with a
 `version` field; loading ignores unknown keys with a warning so that old folders keep loading.
-The real presets store the architecture numbers of EVA-CLIP ViT-g, the BLIP-2 Q-Former and
-Vicuna (docs/official.md, "Architecture"), so that `info` can build them on the meta device.
+The real presets store the architecture numbers of EVA-CLIP ViT-g, the BLIP-2 Q-Former, Vicuna
+and Llama-2-chat (docs/official.md, "Architecture", "The Llama-2 variant"), so that `info` can
+build them on the meta device.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .hub import OFFICIAL_LLMS, OFFICIAL_PROJECTIONS
+from .prompts import TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,15 @@ class MiniGPT4Config:
     # The LLM's dtype: float32, float16, bfloat16, or "auto" (float16 on CUDA, as the official
     # code; float32 on a CPU, where float16 is slow and drifts from float32 within a few tokens).
     dtype: str = "float32"
+    # The frozen ViT and Q-Former's dtype, the same choices ("auto": float16 on CUDA, as the
+    # official `vit_precision: fp16`; float32 on a CPU).
+    vision_dtype: str = "auto"
+    # The LLM family's prompts (`prompts.TEMPLATES`): "vicuna" (`###Human: ... ###Assistant: `) or
+    # "llama2" (`[INST] ... [/INST] `), for the stage-2 template, its end symbol and the chat.
+    template: str = "vicuna"
+    # `ln_vision`: "blip2" (BLIP-2's trained LayerNorm) or "fresh" (weight 1, bias 0, never
+    # trained: the official Llama-2 model never loads BLIP-2's; docs/official.md).
+    ln_vision: str = "blip2"
     version: int = CONFIG_VERSION
 
     # Keys that older saved configs hold and this version reads elsewhere: `end_sym` and
@@ -89,14 +102,12 @@ class MiniGPT4Config:
             self.vision = _from_dict(VisionConfig, self.vision)
         if isinstance(self.qformer, dict):
             self.qformer = _from_dict(QFormerConfig, self.qformer)
-        if self.projection not in ("linear", "mlp"):
-            raise ConfigError(f"projection must be 'linear' or 'mlp', got {self.projection!r}.")
-        if self.quantization not in ("none", "8bit", "4bit"):
-            raise ConfigError(
-                f"quantization must be 'none', '8bit' or '4bit', got {self.quantization!r}."
-            )
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        for key, allowed in (("projection", ("linear", "mlp")), ("dtype", DTYPES),
+                             ("quantization", ("none", "8bit", "4bit")), ("vision_dtype", DTYPES),
+                             ("template", tuple(TEMPLATES)), ("ln_vision", ("blip2", "fresh"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, key)!r}.")
 
     @property
     def num_visual_tokens(self) -> int:
@@ -153,6 +164,11 @@ VICUNA_7B = dict(
 )
 VICUNA_13B = dict(VICUNA_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                   num_attention_heads=40)
+# Llama-2-7B-chat: LLaMA-7B's shapes with LLaMA's 32,000 tokens (no pad token: 6,738,415,616
+# parameters), a 4,096-token context and RMSNorm eps 1e-5 (Llama 2's reference code).
+LLAMA2_7B = dict(VICUNA_7B, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                 pad_token_id=None)
+LLM_ARCHS = {"minigpt4-7b": VICUNA_7B, "minigpt4-13b": VICUNA_13B, "minigpt4-llama2": LLAMA2_7B}
 
 # The tiny "ToyWorld" backbones shipped in assets/ (built by `toyworld/build.py`).
 TINY_VISION = VisionConfig(image_size=60, patch_size=10, width=128, layers=4, heads=4, mlp=512)
@@ -160,29 +176,16 @@ TINY_QFORMER = QFormerConfig(hidden=128, layers=4, heads=4, mlp=512, num_query_t
                              layer_norm_eps=1e-12)
 
 
-# Where the weights of the real presets come from.
-# Vicuna v0 was published by LMSYS only as a delta over LLaMA; the official MiniGPT-4 README points
-# to merged v0 weights on the hub, `Vision-CAIR/vicuna-7b` and `Vision-CAIR/vicuna` (13B), HF
-# LLaMA folders (config, sharded pytorch_model-*.bin with their index, a SentencePiece
-# tokenizer.model). The projection checkpoints are Google Drive downloads linked from that README
-# (the 7B file name has the typo "prerained" upstream).
-OFFICIAL_LLMS = {"minigpt4-7b": "Vision-CAIR/vicuna-7b", "minigpt4-13b": "Vision-CAIR/vicuna"}
-OFFICIAL_PROJECTIONS = {
-    "minigpt4-7b": ("prerained_minigpt4_7b.pth",
-                    "https://drive.google.com/file/d/1RY9jV0dyqLX-o38LrumkKRh6Jtaop58R/view"),
-    "minigpt4-13b": ("pretrained_minigpt4.pth",
-                     "https://drive.google.com/file/d/1a4zLvaiDBr-36pasffmgpvH5P7CKmpze/view"),
-}
-
-
 def preset(name: str, **overrides) -> MiniGPT4Config:
     """The named configuration, with any field overridden by keyword.
 
     - `tiny`: the embedded ToyWorld default in `assets/` (works offline on a CPU).
     - `minigpt4-7b` / `minigpt4-13b`: BLIP-2 (FlanT5-XXL) ViT-g + Q-Former, merged Vicuna v0
-      7B/13B (`OFFICIAL_LLMS`) in `dtype="auto"`, and the official projection checkpoint
-      (`OFFICIAL_PROJECTIONS`, looked up in the working directory unless given); any hub id can
-      be replaced by a local path.
+      7B/13B (`hub.OFFICIAL_LLMS`) in `dtype="auto"`, and the official projection checkpoint
+      (`hub.OFFICIAL_PROJECTIONS`, looked up in the working directory unless given); any hub id
+      can be replaced by a local path.
+    - `minigpt4-llama2`: the same ViT-g without Q-Former (4 patch tokens per LLM token, a fresh
+      `ln_vision`), Llama-2-7B-chat and its `[INST]` template.
     """
     if name == "tiny":
         cfg = MiniGPT4Config(
@@ -191,20 +194,19 @@ def preset(name: str, **overrides) -> MiniGPT4Config:
             llm=str(ASSETS / "llm"), vision_qformer=str(ASSETS / "vision_qformer"),
             projection_checkpoint=str(ASSETS / "projections" / "stage2"),
         )
-    elif name in ("minigpt4-7b", "minigpt4-13b"):
-        big = name == "minigpt4-13b"
+    elif name in LLM_ARCHS:
         cfg = MiniGPT4Config(
             name=name,
             llm=OFFICIAL_LLMS[name],
-            llm_arch=dict(VICUNA_13B if big else VICUNA_7B),
-            vision_qformer="Salesforce/blip2-flan-t5-xxl",
+            llm_arch=dict(LLM_ARCHS[name]),
+            vision_qformer="Salesforce/blip2-flan-t5-xxl",  # only its ViT for minigpt4-llama2
             projection_checkpoint=OFFICIAL_PROJECTIONS[name][0],
             dtype="auto",
         )
+        if name == "minigpt4-llama2":  # the official `has_qformer: False` model
+            cfg.use_qformer, cfg.template, cfg.ln_vision = False, "llama2", "fresh"
     else:
-        raise ConfigError(
-            f"Unknown preset {name!r}; choose one of: tiny, minigpt4-7b, minigpt4-13b."
-        )
+        raise ConfigError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
     for key, value in overrides.items():
         if not hasattr(cfg, key):
             raise ConfigError(f"MiniGPT4Config has no field {key!r}.")
@@ -213,4 +215,4 @@ def preset(name: str, **overrides) -> MiniGPT4Config:
     return cfg
 
 
-PRESETS = ("tiny", "minigpt4-7b", "minigpt4-13b")
+PRESETS = ("tiny", "minigpt4-7b", "minigpt4-13b", "minigpt4-llama2")

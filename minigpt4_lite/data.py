@@ -3,7 +3,8 @@
 Every dataset yields `Sample`s: an image (a path, bytes, or a synthetic scene that draws itself),
 an optional prompt with `<ImageHere>`, and the answer text. Stage 1 has no prompt (`[BOS] [image]
 caption\\n`); stage 2 wraps one instruction per sample in `###Human: <Img><ImageHere></Img> ...
-###Assistant: ` (`prompts.stage2_prompt`). The ToyWorld dataset is `toyworld.ToyWorldDataset`.
+###Assistant: ` (`prompts.stage2_prompt`; `template="llama2"` for `[INST] ... [/INST] `). The
+ToyWorld dataset is `toyworld.ToyWorldDataset`.
 
 Real formats read unchanged:
 - stage 1: webdataset tar shards of `jpg` + `json{"caption"}` (LAION / CC / SBU as released);
@@ -51,8 +52,9 @@ def draws_itself(image) -> bool:
 class CCSBUAlignDataset:
     """The official stage-2 folder: `filter_cap.json` + `image/{image_id}.jpg`."""
 
-    def __init__(self, root: str | Path, seed: int = 0, skip_bad: bool = False):
-        self.root, self.seed = Path(root), seed
+    def __init__(self, root: str | Path, seed: int = 0, skip_bad: bool = False,
+                 template: str = "vicuna"):
+        self.root, self.seed, self.template = Path(root), seed, template
         path = self.root / "filter_cap.json"
         try:
             annotations = json.loads(path.read_text())["annotations"]
@@ -81,7 +83,7 @@ class CCSBUAlignDataset:
 
     def __getitem__(self, i: int) -> Sample:
         image_id, caption = self.items[i]
-        prompt = stage2_prompt(pick_instruction(image_id, self.seed))
+        prompt = stage2_prompt(pick_instruction(image_id, self.seed), template=self.template)
         return Sample(f"ccsbu-{image_id}", self.root / "image" / f"{image_id}.jpg", prompt, caption)
 
 
@@ -103,8 +105,9 @@ def _check_not_empty(items, source) -> None:
 class JsonlDataset:
     """Lines of `{"image": path, "caption": text}`; stage 1 (no prompt) or stage 2 (template)."""
 
-    def __init__(self, path: str | Path, stage: int = 1, seed: int = 0, skip_bad: bool = False):
-        self.path, self.stage, self.seed = Path(path), stage, seed
+    def __init__(self, path: str | Path, stage: int = 1, seed: int = 0, skip_bad: bool = False,
+                 template: str = "vicuna"):
+        self.path, self.stage, self.seed, self.template = Path(path), stage, seed, template
         self.items, self.skipped = [], 0
         try:
             lines = self.path.read_text().splitlines()
@@ -138,7 +141,7 @@ class JsonlDataset:
         image, text = self.items[i]
         if self.stage == 1:
             return Sample(f"jsonl-{image}", image, None, clean_caption(text))
-        prompt = stage2_prompt(pick_instruction(str(image), self.seed))
+        prompt = stage2_prompt(pick_instruction(str(image), self.seed), template=self.template)
         return Sample(f"jsonl-{image}", image, prompt, text)
 
 

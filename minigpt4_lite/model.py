@@ -36,6 +36,8 @@ class MiniGPT4(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vit = VisionTransformer(cfg.vision)
+        if cfg.ln_vision == "fresh":  # the official Llama-2 model's: never loaded nor trained,
+            self.vit.ln_vision = nn.LayerNorm(cfg.vision.width)  # weight 1, bias 0, eps 1e-5
         self.qformer = QFormer(cfg.qformer, cfg.vision.width) if cfg.use_qformer else None
         feat_dim = cfg.qformer.hidden if cfg.use_qformer else 4 * cfg.vision.width
         d_llm = llm.config.hidden_size
@@ -75,7 +77,8 @@ class MiniGPT4(nn.Module):
         """Frozen part of the visual path: pixels [B,3,S,S] -> Q-Former outputs [B, Q, hidden].
 
         With `use_qformer=False`, the ViT's patch tokens (CLS dropped), 4 adjacent ones
-        concatenated as in the MiniGPT-4 Llama-2 variant (padded with zeros if needed).
+        concatenated as in the MiniGPT-4 Llama-2 variant (256 x 1408 -> 64 x 5632; padded with
+        zeros if the count is not a multiple of 4, where the official reshape would fail).
         """
         pixels = pixels.to(self.vit.patch_embed.weight.device)
         with torch.no_grad():  # the ViT is always frozen: no graph needed through it

@@ -6,6 +6,8 @@ MiniGPT-4 never changes the LLM: it only decides what the LLM reads. This module
 - the stage-2 template `###Human: <Img><ImageHere></Img> {instruction} ###Assistant: ` and the
   official alignment instructions (stage 1 has no prompt at all: `[BOS] [image] caption`);
 - the chat template `CONV_VISION` (system prompt, `Human`/`Assistant` turns, `###` separator);
+- `TEMPLATES`: these per LLM family, Vicuna's and Llama-2-chat's (`[INST] {} [/INST] `,
+  `CONV_LLAMA2`), named by `MiniGPT4Config.template`;
 - `build_example`: a prompt and an answer -> token ids with image slots and the loss mask
   (labels are -100 everywhere except on the answer: the official `prompt_wrap` + target);
 - `collate`: padding a batch of examples into tensors;
@@ -41,15 +43,24 @@ CONTINUE_PROMPT = "###Human: Continue ###Assistant:"  # asked when a curated dra
 IGNORE_INDEX = -100  # the label of tokens that carry no loss (PyTorch's cross-entropy default)
 # How an answer ends and how many of its tokens are kept, per training stage (the official stage-1
 # and stage-2 configs): a stage-1 caption ends with a newline, a stage-2 answer with the "###"
-# separator of the conversation template. `TrainConfig.end_sym` / `.max_txt_len` read these.
+# separator of the template (Vicuna's; `stage_end_sym` gives Llama-2's). `TrainConfig` reads these.
 END_SYM = {1: "\n", 2: "###"}
 MAX_TXT_LEN = {1: 32, 2: 160}
+LLAMA2_PROMPT_TEMPLATE = "[INST] {} [/INST] "  # stage 2 of the Llama-2 variant, end symbol </s>
 
 
-def stage2_prompt(instruction: str, image: str = IMAGE_PLACEHOLDER) -> str:
-    """The stage-2 template around one instruction; `image` is what stands between `<Img>` tags
-    (the placeholder; the ToyWorld LLM's pretraining also puts the scene there in words)."""
-    return PROMPT_TEMPLATE.format(f"<Img>{image}</Img> {instruction}")
+def stage2_prompt(instruction: str, image: str = IMAGE_PLACEHOLDER,
+                  template: str = "vicuna") -> str:
+    """The stage-2 template of `TEMPLATES[template]` around one instruction; `image` is what
+    stands between `<Img>` tags (the placeholder; the ToyWorld LLM's pretraining also puts the
+    scene there in words)."""
+    return TEMPLATES[template].prompt.format(f"<Img>{image}</Img> {instruction}")
+
+
+def stage_end_sym(stage: int, template: str = "vicuna") -> str:
+    """What ends an answer: stage 1's newline, or stage 2's end symbol of `TEMPLATES[template]`
+    (`###` for Vicuna, `</s>` for Llama-2: the official configs)."""
+    return END_SYM[1] if stage == 1 else TEMPLATES[template].end_sym
 
 
 def pick_instruction(key: str, seed: int) -> str:
@@ -66,29 +77,34 @@ SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able t
 class Conversation:
     """A dialogue in the official single-separator style (`SeparatorStyle.SINGLE`).
 
-    Its prompt is `system###Human: msg###Assistant: msg###...Assistant:`.
+    Its prompt is the system text, `sep`, then `role + role_sep + text + sep` for each message and
+    `role + role_sep.rstrip()` for the open turn: for Vicuna (`CONV_VISION`)
+    `system###Human: msg###Assistant: msg###...Assistant:`, for Llama-2 (`CONV_LLAMA2`)
+    `system<s>[INST] msg [/INST] msg<s>[INST] msg [/INST] `.
     """
 
     system: str = SYSTEM
     roles: tuple[str, str] = ("Human", "Assistant")
     messages: list[list] = field(default_factory=list)  # [role, text or None]
     sep: str = "###"
+    role_sep: str = ": "  # between a role and its text
 
     def append(self, role: str, text: str | None) -> None:
         self.messages.append([role, text])
 
     def prompt(self) -> str:
-        """The prompt string: `system###Role: text###...Assistant:` (a `None` turn ends it).
+        """The prompt string (Vicuna: `system###Role: text###...Assistant:`); a `None` turn ends it.
 
         Answers (`roles[1]`) go in through `protect`: an answer that happens to contain `#`,
-        `<ImageHere>` or `Human:` cannot change the separator, the image slots or the turns.
+        `<ImageHere>`, `Human:` or `[INST]` cannot change the separator, the slots or the turns.
         """
         out = self.system + self.sep
         for role, text in self.messages:
             if text is None:
-                out += f"{role}:"
+                out += role + self.role_sep.rstrip()
             else:
-                out += f"{role}: {protect(text) if role == self.roles[1] else text}{self.sep}"
+                text = protect(text) if role == self.roles[1] else text
+                out += f"{role}{self.role_sep}{text}{self.sep}"
         return out
 
     def image_slots(self, i: int) -> int:
@@ -101,6 +117,25 @@ class Conversation:
 
 
 CONV_VISION = Conversation()
+# The Llama-2 variant's chat (the official `CONV_VISION_LLama2`): the same system text, Llama-2's
+# `<s>[INST] ... [/INST] ` turns and no separator.
+CONV_LLAMA2 = Conversation(roles=("<s>[INST] ", " [/INST] "), sep="", role_sep="")
+
+
+@dataclass(frozen=True)
+class Template:
+    """How one LLM family is prompted: its stage-2 template and end symbol (the official train
+    config) and its chat; `stop` ends a chat answer (the official demo stops both families at
+    `###`; generation also ends at the LLM's EOS, which is how a Llama-2 answer really ends)."""
+
+    prompt: str
+    end_sym: str
+    conversation: Conversation
+    stop: str = "###"
+
+
+TEMPLATES = {"vicuna": Template(PROMPT_TEMPLATE, END_SYM[2], CONV_VISION),
+             "llama2": Template(LLAMA2_PROMPT_TEMPLATE, "</s>", CONV_LLAMA2)}
 
 
 # --- prompt + answer -> tokens and loss mask ------------------------------------------------------
@@ -172,7 +207,7 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right") -
 
 # --- text made safe for the template --------------------------------------------------------------
 _TAG = re.compile(r"<\s*/?\s*[A-Za-z_|][\w|.-]*\s*>")  # <Img>, </Img>, <ImageHere>, <s>, </s>
-_ROLE = re.compile(r"(human|assistant)\s*:", re.IGNORECASE)
+_ROLE = re.compile(r"(human|assistant)\s*:|\[\s*/?\s*inst\s*\]", re.IGNORECASE)  # and [/INST]
 _SPACE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}  # control, format, ..., line breaks
 
 
@@ -183,7 +218,8 @@ def sanitize(text: str) -> str:
     - every `#` becomes a space: the separator is `###`, and a `#` next to it would change it;
     - tag-like tokens (`<Img>`, `</Img>`, `<ImageHere>`, `<s>`, `</s>`, ...) become spaces, so text
       never adds an image slot (`build_example` splits at `<ImageHere>`) or a special token;
-    - role markers lose their colon (`Human:` -> `Human`), so text cannot open a new turn;
+    - role markers lose their colon (`Human:` -> `Human`) and `[INST]` / `[/INST]` (Llama-2's
+      turns) are removed, so text cannot open a new turn;
     - whitespace is collapsed. Repeated until nothing changes.
     Escaping would keep these characters for the LLM to read, but a tiny LLM never saw them.
     (For the model's own answers see `protect`, which keeps their newlines.)
@@ -201,9 +237,9 @@ def protect(text: str) -> str:
 
     The template's markers are defused as in `sanitize`: every `#` becomes a space (an answer
     ending in `#` would otherwise merge with the `###` after it), tag-like tokens (`<ImageHere>`,
-    `<Img>`, `</s>`...) become spaces, and `Human:` / `Assistant:` lose their colon. Newlines,
-    list markers and all other characters stay, as the official demo keeps the raw answer.
-    Repeated until nothing changes.
+    `<Img>`, `</s>`...) become spaces, `Human:` / `Assistant:` lose their colon and `[INST]` /
+    `[/INST]` go. Newlines, list markers and all other characters stay, as the official demo keeps
+    the raw answer. Repeated until nothing changes.
     """
     previous = None
     while text != previous:

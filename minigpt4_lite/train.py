@@ -28,7 +28,7 @@ from .checkpoints import atomic_save_file, save_pretrained
 from .data import Sample, draws_itself, image_tensor
 from .errors import ConfigError, TrainingError
 from .model import MiniGPT4
-from .prompts import END_SYM, MAX_TXT_LEN, build_example, collate
+from .prompts import END_SYM, MAX_TXT_LEN, build_example, collate, stage_end_sym
 from .resume import CHECKPOINT, RNGState, load_checkpoint, save_checkpoint, save_rank_rng
 from .speed import compile_llm, should_compile
 
@@ -101,7 +101,8 @@ class TrainConfig:
 
     @property
     def end_sym(self) -> str:
-        """What ends each answer in this stage (`prompts.END_SYM`)."""
+        """What ends each answer in this stage for Vicuna (`prompts.END_SYM`); `make_batch` asks
+        `prompts.stage_end_sym` with the model's template (Llama-2 ends stage 2 with `</s>`)."""
         return END_SYM[self.stage]
 
     @property
@@ -211,7 +212,8 @@ def make_batch(model: MiniGPT4, samples: list[Sample], cfg: TrainConfig, cache: 
     """Token layout (one prompt per sample) + either cached features or image pixels."""
     n_img = model.cfg.num_visual_tokens
     batch = collate([build_example(model.tokenizer, s.prompt, s.answer, n_image_tokens=n_img,
-                                   end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len)
+                                   end_sym=stage_end_sym(cfg.stage, model.cfg.template),
+                                   max_txt_len=cfg.max_txt_len)
                      for s in samples], model.tokenizer.pad_token_id)
     if cache is not None:
         batch["features"] = torch.stack([cache[s.image_id] for s in samples])
@@ -239,13 +241,17 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
     `cfg.out_dir`, a checkpoint there is resumed (if `resume`), written every `save_every` steps,
     on Ctrl-C, and at the end, and the projection is exported with `save_pretrained`.
     A NaN/inf loss stops training with a `TrainingError` naming the step; the last checkpoint stays.
+    `dataset` is indexable (batches drawn at random), or a stream with `batches(model, cfg, rank,
+    world, start_step)` (`stream.ShardStream`) whose batches are used in order; a resumed stream
+    starts at the checkpoint's step (it seeds the stream) and reads fresh samples.
     """
     from accelerate import Accelerator
 
     cfg.validate()  # fields may have been changed since the config was made
     device = model.device
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=_precision(cfg, device))
-    if len(dataset) == 0:
+    streamed = callable(getattr(dataset, "batches", None))  # endless, in order, never cached
+    if not streamed and len(dataset) == 0:
         raise TrainingError("The dataset is empty: refusing to train on nothing.")
     opt = make_optimizer(model, cfg)
     rank, world = acc.process_index, acc.num_processes
@@ -258,9 +264,12 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
         step, history = meta["step"], meta["history"]
         log.info("resumed from %s at step %d", ckpt, step)
     rng = RNGState.capture(generator)  # the streams after `step` steps
-    augment = uses_augmentation(dataset, cfg)
-    cache = (build_feature_cache(model, dataset) if cfg.feature_cache and not augment
-             and model.cfg.freeze_qformer else None)
+    if streamed:  # unbounded data with random crops: no frozen-feature cache
+        batches, cache = dataset.batches(model, cfg, rank, world, start_step=step), None
+    else:
+        augment = uses_augmentation(dataset, cfg)
+        cache = (build_feature_cache(model, dataset) if cfg.feature_cache and not augment
+                 and model.cfg.freeze_qformer else None)
     ddp_model, opt = acc.prepare(model, opt)
     model.train()
     uncompile = compile_llm(model.llm) if should_compile(cfg, device) else None
@@ -283,9 +292,12 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
                 group["lr"] = lr
             total = 0.0
             for micro in range(cfg.grad_accum):
-                idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generator)
-                batch = make_batch(model, [dataset[int(i)] for i in idx], cfg, cache, augment,
-                                   generator)
+                if streamed:
+                    batch = next(batches)
+                else:
+                    idx = torch.randint(len(dataset), (cfg.batch_size,), generator=generator)
+                    batch = make_batch(model, [dataset[int(i)] for i in idx], cfg, cache, augment,
+                                       generator)
                 sync = micro == cfg.grad_accum - 1
                 with acc.no_sync(ddp_model) if not sync else nullcontext(), acc.autocast():
                     loss = ddp_model(batch).loss / cfg.grad_accum
@@ -319,6 +331,8 @@ def train(model: MiniGPT4, dataset, cfg: TrainConfig, callback=None,
         raise
     finally:
         bar.close()
+        if streamed:
+            batches.close()  # stops the stream's worker processes
         if uncompile is not None:
             uncompile()  # generation after training runs eagerly (it has its own fast paths)
     checkpoint()

@@ -37,17 +37,31 @@ def bar_text(state: dict, model_id: str) -> str | None:
     return f"{left}|{'#' * filled}{' ' * (10 - filled)}|{right}"
 
 
+def hidden(state: dict, model_id: str) -> bool:
+    """Whether a widget was hidden when the cell ended (tqdm hides a `leave=False` bar on close)."""
+    layout = state.get(model_id, {}).get("state", {}).get("layout", "")
+    return state.get(layout.removeprefix("IPY_MODEL_"), {}).get("state", {}).get(
+        "visibility") == "hidden"
+
+
 def finalize_progress_bars(nb) -> int:
-    """Replace the text of every stored progress bar by its final state; returns how many."""
+    """Replace the text of every stored progress bar by its final state, and drop the bars that
+    were hidden when they closed (the reader saw none); returns how many bars were kept."""
     state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     n = 0
     for cell in nb.cells:
+        kept = []
         for output in cell.get("outputs", []):
             view = output.get("data", {}).get(WIDGET_VIEW)
             text = bar_text(state, view["model_id"]) if view else None
+            if text is not None and hidden(state, view["model_id"]):
+                continue
             if text is not None:
                 output["data"]["text/plain"] = text
                 n += 1
+            kept.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = kept
     return n
 
 

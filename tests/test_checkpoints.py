@@ -1,5 +1,6 @@
 """The official projection checkpoint, our safetensors folders, and unsafe or broken files."""
 
+import dataclasses
 import http.server
 import json
 import os
@@ -13,9 +14,11 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from minigpt4_lite.checkpoints import (
+    load_model,
     load_projection,
     quantization_config,
     read_projection,
+    resolve_dtype,
     save_pretrained,
 )
 from minigpt4_lite.config import MiniGPT4Config, QFormerConfig, VisionConfig
@@ -112,6 +115,55 @@ def test_8bit_llm_on_cpu_forward_and_backward(llama_dir):
     emb = llm.get_input_embeddings()(ids).detach().requires_grad_(True)
     llm(inputs_embeds=emb, labels=ids).loss.backward()
     assert emb.grad is not None and torch.isfinite(emb.grad).all()
+
+
+def test_the_t4_path_reads_tensor_by_tensor_straight_to_the_device(blip2_dir, llama_dir,
+                                                                    tmp_path, monkeypatch):
+    """What a free Colab T4 (15 GB GPU, ~12 GB RAM) needs, checked on a CPU with sharded files.
+
+    transformers gets `device_map=device`, so each LLM tensor goes from its shard straight to the
+    device (on a GPU the LLM never sits in CPU RAM); no loader ever reads a whole file at once;
+    the ViT and Q-Former arrive in `vision_dtype` (float16 on CUDA by default, as the official
+    `vit_precision: fp16`), the projection stays float32, a Q-Former being trained too.
+    """
+    import safetensors.torch
+    import transformers.modeling_utils as hf_modeling
+    from transformers import AutoModelForCausalLM
+
+    blip2_dir[1].save_pretrained(tmp_path / "blip2", max_shard_size="100KB")
+    LlamaForCausalLM.from_pretrained(llama_dir).save_pretrained(tmp_path / "llm",
+                                                                max_shard_size="50KB")
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(tmp_path / "llm")
+    assert len(list((tmp_path / "llm").glob("model-*.safetensors"))) > 2
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("a whole checkpoint file was read at once")
+
+    for module, name in [(safetensors.torch, "load_file"), (safetensors.torch, "load"),
+                         (hf_modeling, "_safe_load_bytes"), (hf_modeling, "load_state_dict")]:
+        monkeypatch.setattr(module, name, whole_file)
+    asked, real = {}, AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda source, **kw: (asked.update(kw), real(source, **kw))[1])
+
+    assert resolve_dtype("auto", "cuda") == "float16" and resolve_dtype("auto", "cpu") == "float32"
+    cfg = MiniGPT4Config(vision_qformer=str(tmp_path / "blip2"), llm=str(tmp_path / "llm"),
+                         vision_dtype="bfloat16")
+    model = load_model(cfg, projection="")
+    assert asked["device_map"] == "cpu"
+    assert {p.dtype for p in [*model.vit.parameters(), *model.qformer.parameters()]} == {
+        torch.bfloat16}
+    assert model.llama_proj.weight.dtype == model.llm.dtype == torch.float32
+    hf_fc1 = blip2_dir[1].vision_model.encoder.layers[0].mlp.fc1.weight
+    assert torch.equal(model.vit.blocks[0].fc1.weight, hf_fc1.to(torch.bfloat16))
+    reference = load_model(dataclasses.replace(cfg, vision_dtype="float32"), projection="")
+    with torch.no_grad():
+        reference.llama_proj.load_state_dict(model.llama_proj.state_dict())
+        pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+        torch.testing.assert_close(model.encode_image(pixels), reference.encode_image(pixels),
+                                   rtol=0.05, atol=0.05)
+    trained = load_model(dataclasses.replace(cfg, freeze_qformer=False), projection="")
+    assert trained.qformer.query_tokens.dtype == torch.float32  # learns in float32
 
 
 def test_cli_info_prints_exact_counts():

@@ -8,6 +8,9 @@ fails `test_every_readme_command_is_covered`, so a new command cannot be added u
 - fast commands run for real (`info`, `chat --greedy` on a shipped sample);
 - training commands run for real in a temporary folder with a few steps (arguments appended to
   the printed ones: argparse lets a later option win), in the order the README gives them;
+- "own data" commands (`prepare-data`, `answer`, and whatever reads the user's files that
+  `OWN_DATA` names) run for real, in order, in a temporary folder where the test first writes
+  those files (ToyWorld scenes as JPEG files with captions);
 - long jobs (`demo`, `ablate`, `build-assets`, `curate --compare`) are parsed by the real
   parser and show `--help`;
 - commands that need the real 7B/13B weights are parsed by the real parser only;
@@ -42,6 +45,13 @@ TRAINING_JOBS = ("train", "eval", "curate")
 # Arguments appended to a training command to make it cheap (a later option overrides).
 CHEAP = {"train": ["--steps", "2", "--n-scenes", "8", "--save-every", "0"],
          "eval": ["--n-eval", "2"], "curate": ["--n", "2"]}
+# The user's files that the "own data" commands name (`write_own_data` writes them) and the
+# folders those commands write; a command naming one of them runs in that chain.
+OWN_DATA = ("my_photos/", "my_descriptions.jsonl", "questions.jsonl", "shards/", "my_align/",
+            "runs/my_stage")
+CHEAP_OWN = {"prepare-data": ["--shard-size", "2"],  # 8 photos: the README's 4 shards
+             "train": ["--steps", "2", "--batch-size", "4", "--save-every", "0"],
+             "chat": ["--greedy", "--max-new-tokens", "8"], "answer": ["--max-new-tokens", "8"]}
 
 
 def bash_commands(path: Path) -> list[list[str]]:
@@ -82,6 +92,8 @@ def how_checked(argv: list[str]) -> str | None:
     if sub is not None:
         if "|" in argv:
             return "synopsis"  # `python -m minigpt4_lite info | demo | ...`: names subcommands
+        if sub in ("prepare-data", "answer") or any(a.startswith(OWN_DATA) for a in argv):
+            return "own-data" if not any(p in argv for p in REAL_PRESETS) else "parse"
         if any(preset in argv for preset in REAL_PRESETS) and sub != "info":
             return "parse"  # needs the real 7B/13B weights
         if sub == "info":
@@ -121,12 +133,13 @@ def _env() -> dict:
             "TRANSFORMERS_VERBOSITY": "error"}
 
 
-def _run(argv: list[str], cwd: Path = ROOT, timeout: int = 600, **env) -> str:
+def _run(argv: list[str], cwd: Path = ROOT, timeout: int = 600, stdin: str | None = None,
+         **env) -> str:
     """Run a README command with this interpreter (for `python`); returns stdout, asserts exit 0."""
     if argv[0] == "python":
         argv = [sys.executable, *argv[1:]]
     done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**_env(), **env})
+                          env={**_env(), **env}, input=stdin)
     assert done.returncode == 0, f"{shlex.join(argv)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -205,6 +218,52 @@ def test_readme_training_commands_run_in_order(tmp_path):
         ran.append(_subcommand(argv))
     assert {"train", "eval"} <= set(ran)
     assert (tmp_path / "runs" / "s2").is_dir()  # stage 2 started from stage 1's folder
+
+
+def write_own_data(folder: Path, n: int = 8) -> None:
+    """The files the README's "own data" commands name: `my_photos/` (ToyWorld scenes as JPEG
+    files, `cat.jpg` first, with side-car captions), `my_descriptions.jsonl` (detailed
+    descriptions of the same images) and `questions.jsonl`; `assets/` linked for the samples."""
+    import random
+
+    (folder / "my_photos").mkdir()
+    names = ["cat", *(f"photo_{k}" for k in range(1, n))]
+    descriptions, questions = [], []
+    for k, (name, scene) in enumerate(zip(names, tw.make_scenes("train", n, start=7000))):
+        scene.render(120).save(folder / "my_photos" / f"{name}.jpg")
+        (folder / "my_photos" / f"{name}.txt").write_text(tw.caption(scene, random.Random(k)))
+        descriptions.append({"image": f"my_photos/{name}.jpg",
+                             "caption": tw.detailed_description(scene, random.Random(k))})
+        questions.append({"image": f"my_photos/{name}.jpg",
+                          "prompt": "How many objects are there?"})
+    for name, lines in (("my_descriptions.jsonl", descriptions), ("questions.jsonl", questions)):
+        (folder / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "assets").symlink_to(ROOT / "assets", target_is_directory=True)
+
+
+@pytest.mark.slow
+def test_readme_own_data_commands_run_in_order(tmp_path):
+    """prepare-data -> train stage 1 on the shards -> prepare-data -> stage 2 -> chat, then batch
+    inference, as printed (a few steps, short answers), on files written here."""
+    write_own_data(tmp_path)
+    ran = []
+    for argv in commands_checked_by("own-data"):
+        sub = _subcommand(argv)
+        chat_stdin = "How many objects are there?\n/quit\n" if "--prompt" not in argv else None
+        out = _run([*argv, *CHEAP_OWN[sub]], cwd=tmp_path, stdin=chat_stdin)
+        if sub == "prepare-data" and "--stage" in argv and argv[argv.index("--stage") + 1] == "1":
+            printed = re.search(r"--data '([^']+)'", out).group(1)
+            assert any(printed in a for a in commands_checked_by("own-data")), \
+                f"prepare-data printed --data '{printed}', which the README's train does not use"
+        if sub == "chat":  # the interactive chat: its greeting, then the answer
+            assert len(out.strip().splitlines()) >= 2, f"the chat answered nothing: {out!r}"
+        if sub == "answer":
+            lines = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text()
+                     .splitlines()]
+            assert lines and all(line.get("answer") for line in lines), lines
+        ran.append(sub)
+    assert ran.count("prepare-data") == 2 and ran.count("train") == 2 and "answer" in ran
+    assert (tmp_path / "runs" / "my_stage2").is_dir()  # stage 2 started from stage 1's folder
 
 
 def test_readme_long_jobs_show_help():

@@ -32,8 +32,9 @@ WORDS = ("a red circle and a blue star on a green square near the big yellow tri
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def _llama_folder(folder, seed: int = 0):
-    """A tiny `LlamaForCausalLM` and a `LlamaTokenizer` (SentencePiece-style BPE, BOS added).
+def _llama_folder(folder, seed: int = 0, prompt: str = OFFICIAL_PROMPT):
+    """A tiny `LlamaForCausalLM` and a `LlamaTokenizer` (SentencePiece-style BPE, BOS added),
+    its vocabulary learnt from `prompt` and a few words.
 
     The LM head cannot write `#`, `<`, `>`, `:` or special tokens (their rows are zero, the others
     positive-biased): the CLI prints the answer after `chat.sanitize`, which would rewrite those,
@@ -42,7 +43,7 @@ def _llama_folder(folder, seed: int = 0):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    corpus = [OFFICIAL_PROMPT + " " + " ".join(WORDS)] * 4
+    corpus = [prompt + " " + " ".join(WORDS)] * 4
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
                                                  split=False)

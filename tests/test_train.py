@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import example
 from PIL import Image
+from stream_worker import Recorded, write_shards
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from minigpt4_lite import toyworld as tw
@@ -24,6 +25,7 @@ from minigpt4_lite.errors import CheckpointError, ConfigError, DataError, Traini
 from minigpt4_lite.model import MiniGPT4
 from minigpt4_lite.prompts import END_SYM, IMAGE_PLACEHOLDER, MAX_TXT_LEN
 from minigpt4_lite.resume import CHECKPOINT
+from minigpt4_lite.stream import ShardStream, StreamConfig
 from minigpt4_lite.toyworld import ToyWorldDataset
 from minigpt4_lite.train import (
     RECIPES,
@@ -387,6 +389,32 @@ def test_webdataset_shards_run(model, tmp_path):
     ds = WebDatasetCaptions(str(tmp_path / "s0.tar"))
     assert len(ds) == 4 and ds[0].prompt is None
     assert len(_run(model, ds, _cfg(steps=2, batch_size=2))) == 2
+
+
+def test_a_stream_is_read_in_order_without_the_cache_and_resumed_at_its_step(model, tmp_path):
+    """A streamed source (`stream.ShardStream`) is never indexed nor cached (`len` would fail);
+    `train` reads its batches in order, and a resumed run asks for the stream of the checkpoint's
+    step: the batches `batches(..., start_step=2)` gives, not the first ones again."""
+    stream = ShardStream(StreamConfig(write_shards(tmp_path / "shards", "s", 6, 4),
+                                      shuffle_buffer=4, workers=0))
+    cfg = _cfg(tmp_path / "run", steps=4, batch_size=3)
+    start = model.llama_proj.weight.detach().clone()
+    first = Recorded(stream, stop_at=2)
+    assert len(_run(model, first, cfg, callback=first.callback)) == 2
+    resumed = Recorded(stream)
+    history = train(model, resumed, cfg)
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and resumed.starts == [[0, 1, 2]]
+
+    def keys(start_step):
+        it = stream.batches(model, cfg, start_step=start_step)
+        try:
+            return [next(it)["stream"]["keys"] for _ in range(2)]
+        finally:
+            it.close()
+
+    assert [b["keys"] for b in first.batches_seen] == keys(0)
+    assert [b["keys"] for b in resumed.batches_seen] == keys(2) != keys(0)
+    assert not torch.equal(model.llama_proj.weight, start)
 
 
 def test_webdataset_sample_without_caption(tmp_path):
