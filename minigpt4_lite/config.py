@@ -82,9 +82,10 @@ class MiniGPT4Config:
     # The LLM's dtype: float32, float16, bfloat16, or "auto" (float16 on CUDA, as the official
     # code; float32 on a CPU, where float16 is slow and drifts from float32 within a few tokens).
     dtype: str = "float32"
-    # The frozen ViT and Q-Former's dtype, the same choices ("auto": float16 on CUDA, as the
-    # official `vit_precision: fp16`; float32 on a CPU).
-    vision_dtype: str = "auto"
+    # The frozen ViT and Q-Former's dtype, the same choices ("auto", the real presets': float16
+    # on CUDA, as the official `vit_precision: fp16`; float32 on a CPU). The tiny model keeps
+    # float32 everywhere: its reference figures were measured so, and fp16 saves it nothing.
+    vision_dtype: str = "float32"
     # The LLM family's prompts (`prompts.TEMPLATES`): "vicuna" (`###Human: ... ###Assistant: `) or
     # "llama2" (`[INST] ... [/INST] `), for the stage-2 template, its end symbol and the chat.
     template: str = "vicuna"
@@ -201,7 +202,7 @@ def preset(name: str, **overrides) -> MiniGPT4Config:
             llm_arch=dict(LLM_ARCHS[name]),
             vision_qformer="Salesforce/blip2-flan-t5-xxl",  # only its ViT for minigpt4-llama2
             projection_checkpoint=OFFICIAL_PROJECTIONS[name][0],
-            dtype="auto",
+            dtype="auto", vision_dtype="auto",
         )
         if name == "minigpt4-llama2":  # the official `has_qformer: False` model
             cfg.use_qformer, cfg.template, cfg.ln_vision = False, "llama2", "fresh"

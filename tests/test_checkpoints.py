@@ -123,8 +123,8 @@ def test_the_t4_path_reads_tensor_by_tensor_straight_to_the_device(blip2_dir, ll
 
     transformers gets `device_map=device`, so each LLM tensor goes from its shard straight to the
     device (on a GPU the LLM never sits in CPU RAM); no loader ever reads a whole file at once;
-    the ViT and Q-Former arrive in `vision_dtype` (float16 on CUDA by default, as the official
-    `vit_precision: fp16`), the projection stays float32, a Q-Former being trained too.
+    the ViT and Q-Former arrive in `vision_dtype` (the real presets: float16 on CUDA, as the
+    official `vit_precision: fp16`), the projection stays float32, a Q-Former being trained too.
     """
     import safetensors.torch
     import transformers.modeling_utils as hf_modeling
