@@ -39,7 +39,7 @@ READMES = (ROOT / "README.md", ROOT / "notebooks" / "README.md")
 INLINE_STARTS = ("python -m minigpt4_lite ", "./run ", "pytest ", "jupyter ", "conda ",
                  "pip install ")
 CLI = ["python", "-m", "minigpt4_lite"]
-REAL_PRESETS = ("minigpt4-7b", "minigpt4-13b")
+REAL_PRESETS = ("minigpt4-7b", "minigpt4-13b", "minigpt4-llama2")
 LONG_JOBS = ("demo", "ablate", "build-assets")
 TRAINING_JOBS = ("train", "eval", "curate")
 # Arguments appended to a training command to make it cheap (a later option overrides).
