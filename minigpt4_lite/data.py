@@ -145,8 +145,25 @@ class JsonlDataset:
         return Sample(f"jsonl-{image}", image, prompt, text)
 
 
+def webdataset_sample(raw: dict) -> Sample:
+    """One raw webdataset sample (`jpg` + `json{"caption"}`) as a stage-1 `Sample` (image bytes,
+    cleaned caption); a `DataError` naming the shard and key when the caption or image is missing.
+    """
+    key, shard = raw.get("__key__"), raw.get("__url__")
+    try:
+        caption = json.loads(raw["json"])["caption"]
+        image = raw.get("jpg") or raw.get("jpeg") or raw.get("png")
+        if image is None:
+            raise KeyError("jpg")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError("empty caption")
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{shard}, sample {key}: no usable caption/image ({e}).") from None
+    return Sample(f"wds-{shard}-{key}", bytes(image), None, clean_caption(caption))
+
+
 def webdataset_samples(urls: str | list[str], skip_bad: bool = False):
-    """Stage-1 samples streamed from webdataset shards (`jpg` + `json{"caption"}`).
+    """Stage-1 samples read in order from webdataset shards (`jpg` + `json{"caption"}`).
 
     A sample without a caption or image is an error naming the shard and key, or is skipped and
     counted with `skip_bad=True` (the count is logged at the end of each pass).
@@ -154,23 +171,15 @@ def webdataset_samples(urls: str | list[str], skip_bad: bool = False):
     import webdataset as wds
 
     skipped = 0
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        key, shard = sample.get("__key__"), sample.get("__url__")
+    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         try:
-            meta = json.loads(sample["json"])
-            caption = meta["caption"]
-            image = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
-            if image is None:
-                raise KeyError("jpg")
-            if not isinstance(caption, str) or not caption.strip():
-                raise ValueError("empty caption")
-        except (KeyError, ValueError, TypeError) as e:
+            sample = webdataset_sample(raw)
+        except DataError as e:
             if not skip_bad:
-                raise DataError(f"{shard}, sample {key}: no usable caption/image ({e}); pass "
-                                "skip_bad=True to skip such samples.") from None
+                raise DataError(f"{e} Pass skip_bad=True to skip such samples.") from None
             skipped += 1
             continue
-        yield Sample(f"wds-{shard}-{key}", bytes(image), None, clean_caption(caption))
+        yield sample
     if skipped:
         log.warning("webdataset %s: skipped %d samples without caption/image", urls, skipped)
 

@@ -33,7 +33,6 @@ picks one source per *batch* by the same ratios (`MultiIterLoader`): the same ex
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -46,10 +45,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
-from .data import Sample, image_tensor
+from .data import Sample, image_tensor, webdataset_sample
 from .errors import ConfigError, DataError
 from .model import MiniGPT4
-from .processing import clean_caption
 from .prompts import build_example, collate
 from .train import TrainConfig
 
@@ -170,24 +168,6 @@ def mixed_samples(cfg: StreamConfig, seed: int, reader: int = 0,
         yield next(streams[rng.choices(range(len(names)), weights)[0]])
 
 
-def to_sample(raw: dict) -> Sample:
-    """A raw webdataset sample -> a stage-1 `Sample` (image bytes, cleaned caption).
-
-    Raises a `DataError` naming the shard and key when the caption or the image is missing.
-    """
-    key, shard = raw.get("__key__"), raw.get("__url__")
-    try:
-        caption = json.loads(raw["json"])["caption"]
-        image = raw.get("jpg") or raw.get("jpeg") or raw.get("png")
-        if image is None:
-            raise KeyError("jpg")
-        if not isinstance(caption, str) or not caption.strip():
-            raise ValueError("empty caption")
-    except (KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{shard}, sample {key}: no usable caption/image ({e}).") from None
-    return Sample(f"wds-{shard}-{key}", bytes(image), None, clean_caption(caption))
-
-
 class _Reader(IterableDataset):
     """The batches one process reads; in each DataLoader worker, that worker's share of them."""
 
@@ -211,7 +191,7 @@ class _Reader(IterableDataset):
             while len(samples) < self.tcfg.batch_size:
                 r = next(raw)
                 try:
-                    s = to_sample(r)
+                    s = webdataset_sample(r)
                     pixels.append(image_tensor(s, self.image_size, train=augment,
                                                generator=crops))
                 except DataError as e:
@@ -279,4 +259,4 @@ class ShardStream:
         """The samples (undecoded) process `rank` reads with one worker (or none): for a look."""
         raw = mixed_samples(self.cfg, derive_seed(seed, rank, 0, start_step), rank, world)
         for r in raw:
-            yield to_sample(r)
+            yield webdataset_sample(r)
