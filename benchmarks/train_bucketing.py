@@ -10,8 +10,9 @@ saving per step and over the demo's 800 + 400 steps.
 
     python benchmarks/train_bucketing.py            # stage 1: 100 steps, stage 2: 60, 3 rounds
 
-It measures speed only: bucketed batches are not the random batches of the paper's recipe, so
-whether the demo's quality targets still hold with them is a separate, multi-seed question.
+It measures speed only (`TrainConfig.bucket` trains this way, opt-in): bucketed batches are not
+the random batches of the paper's recipe, so whether the demo's quality targets still hold with
+them is a separate, multi-seed question.
 Writes the `train_bucketing` section of BENCHMARKS.md (between its markers only).
 """
 
@@ -109,9 +110,10 @@ def render(results: dict, pool: int, command: str, machine: str) -> str:
 The library's training step (`make_batch`, loss forward, backward, AdamW on the projection;
 frozen-feature cache on, eager) on the demo recipes' ToyWorld batches: random batches as `train`
 draws them (padded to their longest member) vs the same kind of draw in pools of {pool} batches
-sorted by length (`speed.bucketed`), interleaved, median of the rounds. Not (yet) the default:
-bucketed batches differ from the recipe's random ones, so the demo's quality targets would have
-to be re-measured over seeds before `train` uses them.
+sorted by length (`speed.bucketed`), interleaved, median of the rounds. Opt-in
+(`TrainConfig(bucket=8)`, `train --bucket 8`), not the default: bucketed batches differ from the
+recipe's random ones, so the demo's quality targets have to be measured over seeds with them
+before the default changes.
 
 {chr(10).join(rows)}
 

@@ -47,22 +47,26 @@ def demo_targets(metrics: dict) -> dict[str, bool]:
 
 
 def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
-             n_train: int = 5000, device: str = "cpu") -> dict:
-    """Train stage 1 then stage 2 on ToyWorld, evaluate both, write `out/metrics.json`."""
+             n_train: int = 5000, device: str = "cpu", bucket: int = 1) -> dict:
+    """Train stage 1 then stage 2 on ToyWorld, evaluate both, write `out/metrics.json`.
+
+    `bucket` > 1 trains on length-sorted pools of batches (`TrainConfig.bucket`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch.manual_seed(seed)  # the untrained projection's initialisation
     model = load_model(preset("tiny"), device=device, projection="")
     train(model, ToyWorldDataset(1, n_train, seed=seed),
-          recipe("tiny-stage1", seed=seed, out_dir=str(out / "stage1")), resume=False)
+          recipe("tiny-stage1", seed=seed, out_dir=str(out / "stage1"), bucket=bucket),
+          resume=False)
     t1 = time.time()
     scenes = tw.make_scenes("heldout", n_eval)
     features = scene_features(model, scenes)
     stage1 = evaluate(model, scenes, features=features)
     t2 = time.time()
     train(model, ToyWorldDataset(2, n_train, seed=seed),
-          recipe("tiny-stage2", seed=seed, out_dir=str(out / "stage2")), resume=False)
+          recipe("tiny-stage2", seed=seed, out_dir=str(out / "stage2"), bucket=bucket),
+          resume=False)
     t3 = time.time()
     stage2 = evaluate(model, scenes, features=features)
     t4 = time.time()
@@ -70,7 +74,7 @@ def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
         "seconds": {"stage1": round(t1 - t0, 1), "stage2": round(t3 - t2, 1),
                     "eval": round((t2 - t1) + (t4 - t3), 1), "total": round(t4 - t0, 1)},
         "stage1": stage1, "stage2": stage2, "n_eval": n_eval, "seed": seed,
-        "device": device, "torch_threads": torch.get_num_threads(),
+        "device": device, "torch_threads": torch.get_num_threads(), "bucket": bucket,
     }
     metrics["table"] = table3({"stage 1 only": stage1, "stage 1 + stage 2": stage2})
     metrics["targets"] = demo_targets(metrics)

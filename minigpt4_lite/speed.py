@@ -7,7 +7,8 @@ slowly. What each buys was measured (BENCHMARKS.md, section named in each docstr
   `train` for long runs (`should_compile`) and by the ToyWorld asset build;
 - `generate_with_cache`: a static KV cache for chat decoding on a GPU;
 - `eager_fp32_attention`: the attention the ToyWorld LLM is pretrained with (asset build only);
-- `bucketed` / `pool_tokens_per_batch`: length-bucketed batches (asset build only).
+- `bucketed` / `pool_tokens_per_batch`: length-bucketed batches (the asset build; `train` with
+  `TrainConfig.bucket` > 1, opt-in: BENCHMARKS.md "Length-bucketed batches").
 """
 
 from __future__ import annotations

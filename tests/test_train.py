@@ -504,3 +504,34 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(model, caplog, mon
     assert [h["loss"] for h in fallen_back] == [h["loss"] for h in eager]  # eager: exactly
     assert torch.equal(model.llama_proj.weight, eager_weight)
     assert "forward" not in vars(model.llm)
+
+
+def test_bucketed_batches_pad_less_and_resume_exactly_mid_pool(model, tmp_path):
+    """`bucket=4`: each pool of 4 batches is sorted by length (less padding than random batches
+    of the same draws), and a run interrupted in the middle of a pool resumes with the batches of
+    the uninterrupted run (each pool has its own seed)."""
+    from minigpt4_lite.prompts import build_example
+    from minigpt4_lite.train import bucket_pool
+
+    ds = ToyWorldDataset(2, 200)
+    cfg = _cfg(tmp_path / "full", stage=2, bucket=4, steps=6)
+    pool = bucket_pool(model, ds, cfg, rank=0, pool=0)
+    assert [len(b) for b in pool] == [cfg.batch_size] * 4
+    assert pool == bucket_pool(model, ds, cfg, rank=0, pool=0) != bucket_pool(model, ds, cfg, 1, 0)
+
+    def padded(batches):  # positions computed: each batch padded to its longest member
+        return sum(len(b) * max(len(build_example(
+            model.tokenizer, ds[i].prompt, ds[i].answer, n_image_tokens=model.cfg.num_visual_tokens,
+            end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len).ids) for i in b) for b in batches)
+
+    draws = sorted(i for b in pool for i in b)
+    random_order = [draws[k::4] for k in range(4)]  # the same samples, not sorted by length
+    assert padded(pool) < padded(random_order)
+
+    start = {k: v.clone() for k, v in model.llama_proj.state_dict().items()}
+    full = _run(model, ds, cfg)
+    model.llama_proj.load_state_dict(start)
+    part = _cfg(tmp_path / "part", stage=2, bucket=4, steps=6)
+    assert len(_run(model, ds, part, callback=_stop_after(3))) == 3  # step 4 is mid-pool
+    model.llama_proj.load_state_dict(start)
+    assert [h["loss"] for h in _run(model, ds, part)] == [h["loss"] for h in full]
