@@ -22,24 +22,13 @@ from tqdm.auto import tqdm
 from .chat import GREEDY, ChatInputError, GenerationSettings, answer_batch
 from .errors import ConfigError, DataError, ImageLoadError
 from .images import load_image
-from .prepare import IMAGE_SUFFIXES, list_images
+from .prepare import IMAGE_SUFFIXES, jsonl_records, list_images
 
 
 def _jsonl_items(path: Path, prompt: str | None) -> list[dict]:
     """`{"image", "prompt"}` lines; image paths are relative to the file, `prompt` is a default."""
     items = []
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"Cannot read {path}: {getattr(e, 'strerror', None) or e}.") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: not JSON ({e.msg}); each line must be "
-                            "{\"image\": path, \"prompt\": text}.") from None
+    for n, rec in jsonl_records(path, "{\"image\": path, \"prompt\": text}"):
         if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
             raise DataError(f"{path}, line {n}: needs an \"image\" path; each line must be "
                             "{\"image\": path, \"prompt\": text}.")

@@ -86,19 +86,23 @@ def _read_text(path: Path) -> str:
         raise DataError(f"Cannot read {path}: {getattr(e, 'strerror', None) or e}.") from None
 
 
-def _jsonl_pairs(path: Path) -> list[Pair]:
-    pairs = []
+def jsonl_records(path: Path, form: str):
+    """`(line number, parsed object)` of each non-blank line of a JSONL file; a line that is not
+    JSON is a `DataError` naming the line and the expected `form`."""
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}, line {n}: not JSON ({e.msg}); each line must be "
-                            "{\"image\": path, \"caption\": text}.") from None
-        pairs.append(_record_pair(rec, path.parent, f"{path.name}, line {n}",
-                                  "{\"image\": path, \"caption\": text}"))
-    return pairs
+                            f"{form}.") from None
+
+
+def _jsonl_pairs(path: Path) -> list[Pair]:
+    form = "{\"image\": path, \"caption\": text}"
+    return [_record_pair(rec, path.parent, f"{path.name}, line {n}", form)
+            for n, rec in jsonl_records(path, form)]
 
 
 def _csv_pairs(path: Path) -> list[Pair]:
