@@ -278,7 +278,10 @@ def test_length_bucketing_keeps_every_sequence_and_cuts_padding(tiny):
 def test_default_build_config_is_the_shipped_recipe():
     """`build-assets` without options rebuilds the recipe of the shipped assets (model card)."""
     shipped = json.loads((ASSETS / "build_report.json").read_text())["build_config"]
-    assert json.loads(json.dumps(asdict(BuildConfig()))) == shipped
+    ours = json.loads(json.dumps(asdict(BuildConfig())))
+    if "precision" not in shipped:  # built before the setting existed, in bf16 on an AMX CPU
+        assert ours.pop("precision") == "auto"
+    assert ours == shipped
 
 
 def test_eager_fp32_attention_is_transformers_eager_with_float32_scores():
@@ -411,7 +414,27 @@ def test_build_refuses_unknown_parts(tmp_path):
         build(tmp_path, BuildConfig(steps_scale=0.004), parts=("llm", "vison"))
     with pytest.raises(ValueError, match="vision_attention"):
         build(tmp_path, BuildConfig(steps_scale=0.004, vision_attention="flash"))
+    with pytest.raises(ValueError, match="precision"):
+        build(tmp_path, BuildConfig(steps_scale=0.004, precision="fp16"))
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_build_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    """bf16 emulated on an AVX2-only CPU made each LLM step ~50x slower: "auto" must avoid it."""
+    from minigpt4_lite.toyworld import recipe
+
+    for native in (True, False):
+        monkeypatch.setattr(recipe, "native_bf16", lambda device, n=native: n)
+        expected = "bf16" if native else "fp32"
+        assert recipe.build_precision(BuildConfig()) == expected
+        with recipe.build_autocast(BuildConfig()):
+            y = torch.ones(4, 4) @ torch.ones(4, 4)
+        assert y.dtype == (torch.bfloat16 if native else torch.float32)
+    assert recipe.build_precision(BuildConfig(precision="fp32")) == "fp32"
+    assert recipe.build_precision(BuildConfig(precision="bf16")) == "bf16"
+    # on this machine: what the CPU reports
+    monkeypatch.undo()
+    assert recipe.native_bf16("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @pytest.mark.slow

@@ -50,7 +50,14 @@ from .build_llm import build_tokenizer, corpus, llm_heldout_metrics, pretrain_ll
 from .build_vision import linear_readout_r2, pretrain_vision, probe_accuracy, save_vision_qformer
 from .card import sha256, write_model_card
 from .language import scene_in_words
-from .recipe import LLM_ATTENTIONS, PLAIN, PREVIOUS, VISION_ATTENTIONS, BuildConfig
+from .recipe import (
+    LLM_ATTENTIONS,
+    PLAIN,
+    PREVIOUS,
+    VISION_ATTENTIONS,
+    BuildConfig,
+    build_precision,
+)
 from .world import make_scenes, render
 
 __all__ = ["PLAIN", "PREVIOUS", "BuildConfig", "build", "save_samples"]
@@ -86,6 +93,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
                              f"not {getattr(cfg, name)!r}")
+    precision = build_precision(cfg)  # refuses an unknown one before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -96,6 +104,7 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
     report: dict = json.loads(old.read_text()) if old.exists() and set(parts) != {
         "llm", "vision"} else {}
     report["build_config"] = asdict(cfg)
+    report["precision"] = precision  # "auto" resolved on this machine
     seconds = report.setdefault("seconds", {})
     # the ViT + Q-Former first: run after the compiled LLM, its explicit-attention variant trained
     # 1.7x slower per step here (0.20 s instead of 0.12 s; why is not understood). The two parts

@@ -55,7 +55,7 @@ from .recipe import (
     KIND_WEIGHTS,
     PLAIN,
     BuildConfig,
-    bf16_autocast,
+    build_autocast,
     finite_loss,
 )
 from .slots import N_SLOTS, SlotEncoder, slot_vocabulary
@@ -224,7 +224,7 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
             per_batch = pool_tokens_per_batch(queue)
         items = queue.pop()
         batch = collate_with_slots(llm, tokenizer, slots, items, gen, cfg.slot_noise)
-        with bf16_autocast(cfg.device):
+        with build_autocast(cfg):
             loss = llm(inputs_embeds=batch["inputs_embeds"],
                        attention_mask=batch["attention_mask"].to(cfg.device),
                        labels=batch["labels"].to(cfg.device)).loss

@@ -32,7 +32,7 @@ from ..speed import compile_with_fallback
 from ..train import warmup_cosine
 from ..vision import VisionTransformer, hf_vision_keys
 from . import world as tw
-from .recipe import BuildConfig, bf16_autocast, finite_loss
+from .recipe import BuildConfig, build_autocast, finite_loss
 from .slots import SlotEncoder, slot_vocabulary, slot_word_counts
 
 
@@ -147,7 +147,7 @@ def pretrain_vision(cfg: BuildConfig, scenes: list[tw.Scene]):
             group["lr"] = warmup_cosine(step, total, max(1, total // 15), cfg.vision_lr,
                                         cfg.vision_lr / 20)
         idx = torch.randint(len(scenes), (cfg.vision_batch,), generator=gen)
-        with bf16_autocast(cfg.device):
+        with build_autocast(cfg):
             loss = step_loss(images[idx].to(cfg.device),
                              {k: v[idx].to(cfg.device) for k, v in targets.items()})
         value = finite_loss(loss, step, "ViT + Q-Former")

@@ -38,6 +38,11 @@ PROTOTYPE_NOTE = (
     "Q-Former sees onto what the LLM can read.")
 
 
+
+def _precision(report: dict) -> str:
+    """How the pretrainings computed (reports before 2026-11-29 lack the key: bf16 autocast)."""
+    return "float32" if report.get("precision") == "fp32" else "bf16 autocast"
+
 def sha256(path: Path) -> str:
     """The file's sha256, as the card and `build_report.json` list it."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -204,6 +209,7 @@ def render_model_card(folder: str | Path, report: dict | None = None) -> str:
     vq_cfg = json.loads((folder / "vision_qformer" / "config.json").read_text())
     llm_params = safetensors_params(folder / "llm" / "model.safetensors")
     vq_params = safetensors_params(folder / "vision_qformer" / "model.safetensors")
+    prec = _precision(report)
     n_queries = vq_cfg["num_query_tokens"]
     time_note = (_recorded(report.get("time_note"), "Note recorded with this build")
                  + _schedule_note(report))
@@ -226,7 +232,7 @@ Everything here is loaded by `preset("tiny")` offline. This card is rendered fro
   {llm_cfg['intermediate_size']}, vocabulary {llm_cfg['vocab_size']}, context
   {llm_cfg['max_position_embeddings']} (`llm/config.json`).
 - Pretrained on text only, {b['llm_steps']} steps x {b['llm_batch']} sequences, AdamW
-  (peak lr {b['llm_lr']}, warmup + cosine), bf16 autocast{_fast_note(b)}: ToyWorld captions, and
+  (peak lr {b['llm_lr']}, warmup + cosine), {prec}{_fast_note(b)}: ToyWorld captions, and
   `###Human: ... ###Assistant: ...` dialogues (stage-2 template and the chat template) in every
   register (detailed descriptions, Q&A, poems, stories, captions), with the scene given in words,
   or as *slot vectors*: one input vector per grid cell, the sum of that cell's word embeddings
@@ -251,7 +257,7 @@ Everything here is loaded by `preset("tiny")` offline. This card is rendered fro
 ## `vision_qformer/`: the tiny "BLIP-2" ViT + Q-Former (HF BLIP-2 layout)
 - {vq_params:,} parameters (counted in `vision_qformer/model.safetensors`).
   {_vision_architecture(vq_cfg)} (`vision_qformer/config.json`).
-- Pretrained for {b['vision_steps']} steps x {b['vision_batch']} rendered scenes (bf16 autocast,
+- Pretrained for {b['vision_steps']} steps x {b['vision_batch']} rendered scenes ({prec},
   {b.get('vision_attention', 'sdpa')} attention) with a grounded
   representation objective in the spirit of BLIP-2's first stage: query i (i < {n_queries - 1})
   must predict grid cell i's shape, colour and size (or "empty") and query {n_queries - 1} the
