@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import toyworld as tw
 from .chat import GenerationSettings, generate
 from .data import Sample, image_tensor
-from .prompts import stage2_prompt
+from .prompts import CONV_VISION, IMAGE_MESSAGE, stage2_prompt
 from .toyworld.slots import SlotEncoder
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,10 @@ PROMPTS = {  # the instruction of each evaluated register (None: the stage-1 lay
     "detailed": "Describe this image in detail.",
     "poem": "Write a poem about this image.",
 }
-MAX_NEW_TOKENS = {"caption": 32, "detailed": 160, "poem": 100, "qa": 32}
-STOPS = {"caption": "\n", "detailed": "###", "poem": "###", "qa": "###"}
+MAX_NEW_TOKENS = {"caption": 32, "detailed": 160, "poem": 100, "qa": 32, "qa_heldout": 32,
+                  "qa_followup": 32}
+STOPS = {"caption": "\n", "detailed": "###", "poem": "###", "qa": "###", "qa_heldout": "###",
+         "qa_followup": "###"}
 
 
 def repetition_rate(text: str, n: int = 4) -> float:
@@ -92,26 +94,33 @@ def qa_kind(key: str) -> str:
         return "existence"
     if key in CELL_PHRASES:
         return "position"
+    if key in tw.SIZES:
+        return "size"
+    if key in tw.SHAPES:  # the shape at a cell, or the only small / large object
+        return "shape"
     return "other"
 
 
-QA_KINDS = ("colour", "count", "position", "existence")
+QA_KINDS = ("colour", "count", "position", "existence", "size", "shape")
 
 
-def qa_items(scenes: list[tw.Scene], seed: int = 0) -> list[tuple[str, str, str]]:
-    """One (question, key, kind) per scene, cycling through colour, count, position, existence.
+def qa_items(scenes: list[tw.Scene], seed: int = 0, questions=tw.QUESTIONS, first_kind: int = 0
+             ) -> list[tuple[str, str, str]]:
+    """One (question, key, kind) per scene, cycling through `QA_KINDS`.
 
     Within a kind the question also cycles (over the scene's objects, and between the "yes" and
     the "no" existence question), so that a model answering always "yes" scores half, not all.
+    `questions`: the trained wordings (`tw.QUESTIONS`) or the held-out ones
+    (`tw.HELDOUT_QUESTIONS`); `first_kind` shifts the cycle (scene i gets kind i + first_kind).
     """
     items = []
     for i, scene in enumerate(scenes):
-        pairs = tw.qa_pairs(scene, random.Random(f"{seed}:{scene.seed}"))
+        pairs = tw.qa_pairs(scene, random.Random(f"{seed}:{scene.seed}"), questions=questions)
         by_kind = {}
         for question, _, key in pairs:
             by_kind.setdefault(qa_kind(key), []).append((question, key))
         for k in range(len(QA_KINDS)):  # the scheduled kind, or the next one the scene has
-            kind = QA_KINDS[(i + k) % len(QA_KINDS)]
+            kind = QA_KINDS[(i + first_kind + k) % len(QA_KINDS)]
             if kind in by_kind:
                 options = by_kind[kind]
                 question, key = options[(i // len(QA_KINDS)) % len(options)]
@@ -158,51 +167,144 @@ def scene_features(model, scenes: list[tw.Scene], batch_size: int = 256) -> torc
     return torch.cat(feats)
 
 
+def qa_scores(answers: list[str], items: list[tuple[str, str, str]]) -> dict:
+    """Strict accuracy of `answers` to `qa_items`, overall and per kind."""
+    correct = [answer_correct(a, key) for a, (_, key, _) in zip(answers, items)]
+    scores = {"accuracy": round(float(np.mean(correct)), 4), "n": len(correct)}
+    for kind in QA_KINDS:
+        hits = [c for c, (_, _, k) in zip(correct, items) if k == kind]
+        if hits:
+            scores[f"accuracy_{kind}"] = round(float(np.mean(hits)), 4)
+    return scores
+
+
+def followup_prompts(first: list[tuple[str, str, str]], answers: list[str],
+                     second: list[tuple[str, str, str]]) -> list[str]:
+    """The chat after one exchange: image + first question, the model's answer, a new question.
+
+    Laid out as the chat (`CONV_VISION`, system text included), so that the follow-up is asked
+    exactly as a student's second message in `Chat` or the widget would be.
+    """
+    prompts = []
+    for (q1, _, _), a1, (q2, _, _) in zip(first, answers, second):
+        conv = CONV_VISION.copy()
+        conv.append("Human", f"{IMAGE_MESSAGE} {q1}")
+        conv.append("Assistant", a1)
+        conv.append("Human", q2)
+        conv.append("Assistant", None)
+        prompts.append(conv.prompt())
+    return prompts
+
+
+QA_REGISTERS = ("qa", "qa_heldout", "qa_followup")
+
+
 @torch.no_grad()
 def evaluate(model, scenes: list[tw.Scene], registers=("caption", "detailed", "poem", "qa"),
              batch_size: int = 100, features: torch.Tensor | None = None,
              return_texts: bool = False, image_embeds: torch.Tensor | None = None) -> dict:
     """Generate greedily for each register on `scenes` and measure against the ground truth.
 
-    The visual tokens are the projection of `features` (computed if not given), or
-    `image_embeds` as they are (see `slot_ceiling`).
+    Registers: "caption" (stage 1's layout), "detailed" (also scored per object attribute,
+    `attribute_accuracy`), "poem", and the short questions: "qa" (one per scene, the trained
+    wordings), "qa_heldout" (the same kinds worded as no training text words them) and
+    "qa_followup" (a second question of the next kind, asked in the same chat after the model's
+    own answer to the "qa" one). The visual tokens are the projection of `features` (computed
+    if not given), or `image_embeds` as they are (see `slot_ceiling`).
     """
     model.eval()
     if image_embeds is None:
         features = scene_features(model, scenes) if features is None else features
         image_embeds = model.project(features)
     results, texts = {}, {}
-    qa = qa_items(scenes)
+    items = {"qa": qa_items(scenes), "qa_heldout": qa_items(scenes, questions=tw.HELDOUT_QUESTIONS),
+             "qa_followup": qa_items(scenes, first_kind=1)}
     for register in registers:
-        if register == "qa":
-            prompts = [stage2_prompt(q) for q, _, _ in qa]
+        if register == "qa_followup":
+            first = texts.get("qa") or _generate(model, [stage2_prompt(q) for q, _, _ in
+                                                          items["qa"]], image_embeds, "qa",
+                                                 batch_size)[0]
+            prompts = followup_prompts(items["qa"], first, items["qa_followup"])
+        elif register in QA_REGISTERS:
+            prompts = [stage2_prompt(q) for q, _, _ in items[register]]
         elif PROMPTS[register] is None:
             prompts = [None] * len(scenes)
         else:
             prompts = [stage2_prompt(PROMPTS[register])] * len(scenes)
-        settings = GenerationSettings(do_sample=False, max_new_tokens=MAX_NEW_TOKENS[register])
-        outs = []
-        for i in tqdm(range(0, len(scenes), batch_size), desc=f"eval {register}", leave=False):
-            outs += generate(model, prompts[i:i + batch_size], image_embeds[i:i + batch_size],
-                             settings, stop=STOPS[register])
-        texts[register] = [o.text for o in outs]
-        if register == "qa":
-            correct = [answer_correct(o.text, key) for o, (_, key, _) in zip(outs, qa)]
-            results["qa"] = {"accuracy": round(float(np.mean(correct)), 4), "n": len(correct)}
-            for kind in QA_KINDS:
-                hits = [c for c, (_, _, k) in zip(correct, qa) if k == kind]
-                if hits:
-                    results["qa"][f"accuracy_{kind}"] = round(float(np.mean(hits)), 4)
+        texts[register], stopped = _generate(model, prompts, image_embeds, register, batch_size)
+        if register in QA_REGISTERS:
+            results[register] = qa_scores(texts[register], items[register])
         else:
-            results[register] = summarize([judge(o.text, o.stopped, s, register)
-                                           for o, s in zip(outs, scenes)])
+            results[register] = summarize([judge(t, st, s, register) for t, st, s in
+                                           zip(texts[register], stopped, scenes)])
+        if register == "detailed":
+            results[register]["attributes"] = attribute_accuracy(texts[register], scenes)
     if return_texts:
         return results, texts
     return results
 
 
+def _generate(model, prompts, image_embeds, register: str, batch_size: int
+              ) -> tuple[list[str], list[bool]]:
+    """Greedy answers of one register, in batches: (texts, whether each stopped)."""
+    settings = GenerationSettings(do_sample=False, max_new_tokens=MAX_NEW_TOKENS[register])
+    outs = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {register}", leave=False):
+        outs += generate(model, prompts[i:i + batch_size], image_embeds[i:i + batch_size],
+                         settings, stop=STOPS[register])
+    return [o.text for o in outs], [o.stopped for o in outs]
+
+
+_SIZED_MENTION = re.compile(r"\b(?:(small|large)\s+)?(" + "|".join(tw.COLOURS) + r")\s+("
+                            + "|".join(tw.SHAPES) + r")\b", re.IGNORECASE)
+
+
+def described_objects(text: str) -> dict[tuple[str, str], tuple[str | None, str | None]]:
+    """(colour, shape) -> (size, cell) as a detailed description states them.
+
+    A description names each object in a clause with its place ("a large red star is in the top
+    left", "in the bottom center there is a small blue heart"); the first clause that names an
+    object *and* a cell counts, so the relation sentence ("the red star is above the blue
+    heart") neither adds nor changes anything. None where the clause names no size.
+    """
+    found: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+    for clause in re.split(r"[.;]|, and |\band\b", text):
+        cell = named_value(clause, "position")
+        mentions = list(_SIZED_MENTION.finditer(clause))
+        if cell is None or len(mentions) != 1:
+            continue
+        size, colour, shape = (g.lower() if g else None for g in mentions[0].groups())
+        found.setdefault((colour, shape), (size, cell))
+    return found
+
+
+def attribute_accuracy(texts: list[str], scenes: list[tw.Scene]) -> dict:
+    """Per object of the scenes: is it described, and with the right size and cell?
+
+    `named` is the share of objects whose colour and shape are named in a clause with a place;
+    `size` and `cell` are the shares of those named objects whose size / exact cell is right;
+    `all` the share of all objects described entirely right (colour, shape, size and cell).
+    """
+    named = size_ok = cell_ok = all_ok = total = 0
+    for text, scene in zip(texts, scenes):
+        said = described_objects(text)
+        for o in scene.objects:
+            total += 1
+            if (o.colour, o.shape) not in said:
+                continue
+            size, cell = said[(o.colour, o.shape)]
+            named += 1
+            size_ok += size == o.size
+            cell_ok += cell == tw.cell_phrase(o.cell)
+            all_ok += size == o.size and cell == tw.cell_phrase(o.cell)
+    return {"named": round(named / max(1, total), 4), "size": round(size_ok / max(1, named), 4),
+            "cell": round(cell_ok / max(1, named), 4), "all": round(all_ok / max(1, total), 4),
+            "objects": total}
+
+
 @torch.no_grad()
-def slot_ceiling(model, scenes: list[tw.Scene], registers=("caption", "detailed", "qa")) -> dict:
+def slot_ceiling(model, scenes: list[tw.Scene],
+                 registers=("caption", "detailed", "qa", "qa_heldout", "qa_followup")) -> dict:
     """`evaluate` with *exact slot vectors* as the visual tokens: the LLM's own ceiling.
 
     Only for the ToyWorld LLM of `assets/`: slot vectors are the scene in the LLM's own input
@@ -232,4 +334,26 @@ def table3(results: dict[str, dict]) -> str:
                     f"{p.get('failure_rate', float('nan')):.1%} | "
                     f"{q.get('accuracy', float('nan')):.1%} |")
     rows.append("| paper (Table 3, 7B, hand-counted) | 35% -> 2% | | | | | 32% -> 1% | |")
+    return "\n".join(rows)
+
+
+QA_ROWS = {"qa": "trained wordings", "qa_heldout": "held-out wordings",
+           "qa_followup": "follow-up (2nd question, same chat)"}
+
+
+def qa_table(results: dict) -> str:
+    """Markdown: strict Q&A accuracy by kind for each Q&A register of one `evaluate` result, and
+    the per-object attributes of the detailed descriptions."""
+    rows = ["| questions | all | " + " | ".join(QA_KINDS) + " |",
+            "|---|---|" + "---|" * len(QA_KINDS)]
+    for register, name in QA_ROWS.items():
+        if register in results:
+            r = results[register]
+            cells = [f"{r[f'accuracy_{k}']:.0%}" if f"accuracy_{k}" in r else "" for k in QA_KINDS]
+            rows.append(f"| {name} | {r['accuracy']:.0%} | " + " | ".join(cells) + " |")
+    attrs = results.get("detailed", {}).get("attributes")
+    if attrs:
+        rows += ["", f"Detailed descriptions, per object ({attrs['objects']}): named "
+                 f"{attrs['named']:.0%}; of those named, size right {attrs['size']:.0%}, exact "
+                 f"cell right {attrs['cell']:.0%}; every attribute right {attrs['all']:.0%}."]
     return "\n".join(rows)

@@ -1,18 +1,26 @@
 """The ground-truth measurements of `evaluate.py` (paper Table 3 as a measurement)."""
 
+import random
+import re
 from collections import Counter
 
 import pytest
 
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite.evaluate import (
+    QA_KINDS,
     answer_correct,
+    attribute_accuracy,
+    described_objects,
+    followup_prompts,
     judge,
     qa_items,
+    qa_table,
     repetition_rate,
     summarize,
     table3,
 )
+from minigpt4_lite.prompts import CONV_VISION
 
 SCENE = tw.make_scenes("heldout", 1)[0]  # a large orange star (top centre), a large black cross
 
@@ -90,7 +98,8 @@ def test_qa_items_cycle_kinds_and_ask_yes_and_no_equally():
     items = qa_items(scenes)
     assert len(items) == len(scenes)
     kinds = Counter(kind for _, _, kind in items)
-    assert set(kinds) == {"colour", "count", "position", "existence"}
+    assert set(kinds) == set(QA_KINDS) == {"colour", "count", "position", "existence", "size",
+                                           "shape"}
     assert min(kinds.values()) >= 30
     existence = Counter(key for _, key, kind in items if kind == "existence")
     assert abs(existence["yes"] - existence["no"]) <= 2  # "always yes" scores half, not all
@@ -102,4 +111,116 @@ def test_qa_items_cycle_kinds_and_ask_yes_and_no_equally():
             assert (key, shape) in scene.combos
         elif kind == "position":
             assert key in {tw.cell_phrase(o.cell) for o in scene.objects}
+        elif kind == "size":
+            assert key in {o.size for o in scene.objects}
+        elif kind == "shape":
+            assert key in {o.shape for o in scene.objects}
     assert qa_items(scenes) == items  # deterministic
+
+
+def test_heldout_questions_ask_the_same_things_in_wordings_no_training_text_uses():
+    """`qa_heldout` asks the same kinds about the same objects, worded as no training text is."""
+    from minigpt4_lite.toyworld.build_llm import corpus, llm_examples
+
+    scenes = tw.make_scenes("heldout", 120)
+    trained, heldout = qa_items(scenes), qa_items(scenes, questions=tw.HELDOUT_QUESTIONS)
+    assert [(k, kind) for _, k, kind in trained] == [(k, kind) for _, k, kind in heldout]
+    assert all(q1 != q2 for (q1, _, _), (q2, _, _) in zip(trained, heldout))
+    templates = [t for ts in tw.HELDOUT_QUESTIONS.values() for t in ts]
+    # each wording as a pattern: its slots ("{s}", "{t}"...) match any words
+    patterns = [re.sub(r"\\\{\w\\\}", r"[\\w ]+?", re.escape(t)) for t in templates]
+    assert not {t for ts in tw.QUESTIONS.values() for t in ts} & set(templates)
+    rng = random.Random(0)
+    train = tw.make_scenes("train", 300)
+    texts = list(corpus(train, rng))
+    tok = tiny_tokenizer()
+    texts += [tok.decode([i for i in ex.ids if i >= 0]) for ex, _ in
+              llm_examples(tok, train, rng, form_weights=(0, 10, 10, 10, 70, 0))]
+    texts += [q for s in train for q, _, _ in tw.qa_pairs(s, rng)]
+    joined = "\n".join(texts)
+    assert "color" not in joined.lower()  # the US spelling is never a training word
+    for pattern in patterns:
+        assert not re.search(pattern, joined), pattern
+    assert re.search(patterns[0], "What color is the red star?")  # the patterns can match
+
+
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    from minigpt4_lite.config import ASSETS
+    return AutoTokenizer.from_pretrained(ASSETS / "llm")
+
+
+def test_followup_prompt_is_the_chats_second_turn():
+    """The follow-up question is asked in the chat layout after the model's own first answer."""
+    from minigpt4_lite.chat import Chat
+
+    scenes = tw.make_scenes("heldout", 6)
+    first, second = qa_items(scenes), qa_items(scenes, first_kind=1)
+    assert [k for _, _, k in first][1:] == [k for _, _, k in second][:-1]  # the next kind
+    prompts = followup_prompts(first, ["It is red."] * 6, second)
+    for prompt, (q1, _, _), (q2, _, _) in zip(prompts, first, second):
+        conv = CONV_VISION.copy()
+        for role, text in (("Human", f"<Img><ImageHere></Img> {q1}"), ("Assistant", "It is red."),
+                           ("Human", q2), ("Assistant", None)):
+            conv.append(role, text)
+        assert prompt == conv.prompt()
+        assert prompt.startswith(CONV_VISION.system) and prompt.count("<ImageHere>") == 1
+        assert prompt.endswith(f"###Human: {q2}###Assistant:")
+    assert Chat  # the widget and the terminal chat build their turns with the same Conversation
+
+
+def test_attribute_accuracy_reads_size_and_cell_of_each_described_object():
+    scene = tw.Scene((tw.Obj("star", "red", "large", 0), tw.Obj("heart", "blue", "small", 7)),
+                     "white", 0)
+    right = ("There are two shapes. A large red star is in the top left. In the bottom center "
+             "there is a small blue heart. Note that the red star is above the blue heart.")
+    assert attribute_accuracy([right], [scene]) == {"named": 1.0, "size": 1.0, "cell": 1.0,
+                                                    "all": 1.0, "objects": 2}
+    wrong = ("There are two shapes. A small red star is in the top center, and the bottom center "
+             "holds a small blue heart. The background is white.")
+    assert attribute_accuracy([wrong], [scene]) == {"named": 1.0, "size": 0.5, "cell": 0.5,
+                                                    "all": 0.5, "objects": 2}
+    missing = "There is one shape. A large red star is in the top left."
+    assert attribute_accuracy([missing], [scene])["named"] == 0.5
+    # the relation sentence names no cell and is not read as a description of an object
+    assert described_objects("The red star is above the blue heart.") == {}
+    # ground-truth descriptions are read back exactly
+    rng = random.Random(1)
+    scenes = tw.make_scenes("heldout", 200)
+    texts = [tw.detailed_description(s, rng) for s in scenes]
+    assert attribute_accuracy(texts, scenes)["all"] == 1.0
+
+
+def test_qa_table_shows_every_kind_of_each_qa_register():
+    kinds = {f"accuracy_{k}": 0.5 for k in QA_KINDS}
+    results = {"qa": {"accuracy": 0.75, **kinds}, "qa_heldout": {"accuracy": 0.5, **kinds},
+               "detailed": {"attributes": {"named": 1.0, "size": 0.9, "cell": 0.8, "all": 0.7,
+                                           "objects": 10}}}
+    table = qa_table(results)
+    assert "| trained wordings | 75% | 50% |" in table and "held-out wordings | 50%" in table
+    assert "follow-up" not in table  # not evaluated, not shown
+    assert "size right 90%, exact cell right 80%" in table
+
+
+def test_evaluate_asks_heldout_and_followup_questions_with_the_real_tiny_model():
+    """The three Q&A registers on the shipped stage-2 model: the follow-up prompt carries the
+    model's own first answer, and every register is scored with the same strict reading."""
+    from minigpt4_lite.checkpoints import load_model
+    from minigpt4_lite.config import ASSETS, preset
+    from minigpt4_lite.evaluate import evaluate
+
+    model = load_model(preset("tiny"), projection=str(ASSETS / "projections" / "stage2"))
+    scenes = tw.make_scenes("heldout", 12)
+    results, texts = evaluate(model, scenes, registers=("qa", "qa_heldout", "qa_followup"),
+                              return_texts=True)
+    for register in ("qa", "qa_heldout", "qa_followup"):
+        assert results[register]["n"] == 12 and 0 <= results[register]["accuracy"] <= 1
+        items = qa_items(scenes, **({"questions": tw.HELDOUT_QUESTIONS} if register ==
+                                    "qa_heldout" else {"first_kind": 1} if register ==
+                                    "qa_followup" else {}))
+        expected = sum(answer_correct(a, k) for a, (_, k, _) in zip(texts[register], items))
+        assert results[register]["accuracy"] == round(expected / 12, 4)
+    # the follow-up alone (no "qa" register asked before) generates the first answers itself
+    alone = evaluate(model, scenes, registers=("qa_followup",))
+    assert alone["qa_followup"] == results["qa_followup"]

@@ -126,52 +126,89 @@ def detailed_description(scene: Scene, rng: random.Random) -> str:
     return " ".join(sentences)
 
 
+# The question wordings of each kind. `QUESTIONS` are the phrasings of every training text (the
+# LLM's pretraining, stage 2, the tokenizer's corpus); `HELDOUT_QUESTIONS` are never in any
+# training text: they test whether a model answers the question or only recognises its wording
+# (other verbs and word orders, the US spelling "color" that the tokenizer never saw as a word,
+# objects named by shape alone). Each kind has as many wordings in both, so that both draw the
+# same objects from the same seed. `{s}` a shape, `{t}` a colour + shape, `{p}` a cell, `{n}`
+# "object" or "shape", `{z}` a size.
+QUESTIONS = {
+    "colour": ("What colour is the {s}?", "Which colour is the {s}?",
+               "What is the colour of the {s}?", "Tell me the colour of the {s}."),
+    "count": ("How many {n}s are there?", "How many {n}s can you see?",
+              "Count the {n}s in the image.", "How many {n}s are in the picture?"),
+    "position": ("Where is the {t}?", "In which part of the image is the {t}?",
+                 "Where can I find the {t}?"),
+    "shape": ("What shape is in the {p}?", "Which shape is in the {p}?", "What is in the {p}?"),
+    "size": ("Is the {t} small or large?", "Is the {t} large or small?", "How big is the {t}?"),
+    "existence": ("Is there {t}?", "Do you see {t}?", "Is there {t} in the picture?",
+                  "Can you spot {t}?"),
+    "by_size": ("Which object is {z}?", "Which shape is {z}?"),
+}
+HELDOUT_QUESTIONS = {
+    "colour": ("What color is the {s}?", "Which color does the {s} have?",
+               "Can you tell me what colour the {s} is?", "The {s} has which colour?"),
+    "count": ("What is the number of {n}s here?", "Tell me how many {n}s there are.",
+              "How many {n}s does this image show?", "Can you count the {n}s for me?"),
+    "position": ("Where is the {s} located?", "Tell me where the {t} is.",
+                 "In what part of the picture is the {t}?"),
+    "shape": ("What do you see in the {p}?", "Which object sits in the {p}?",
+              "Tell me what is in the {p}."),
+    "size": ("Is the {t} big or small?", "What size is the {t}?",
+             "Is the {t} a big one or a small one?"),
+    "existence": ("Does the picture contain {t}?", "Is {t} in this image?",
+                  "Can you find {t} here?", "Would I find {t} in this picture?"),
+    "by_size": ("What is the {z} object?", "Name the {z} shape."),
+}
+
+
 def qa_pairs(scene: Scene, rng: random.Random, *,
-             avoid_combos: Collection[tuple[str, str]] = HELDOUT_COMBOS
-             ) -> list[tuple[str, str, str]]:
+             avoid_combos: Collection[tuple[str, str]] = HELDOUT_COMBOS,
+             questions: dict[str, tuple[str, ...]] = QUESTIONS) -> list[tuple[str, str, str]]:
     """(question, answer, key) triples, grouped by kind in this order:
 
     colour (one per shape that occurs once), count, position (one per object), shape at a cell,
     size, existence "yes" and existence "no" (about an absent colour-shape pair, never one of
-    ``avoid_combos``, so held-out pairs are not even named in training text). ``key`` is the
-    lowercase word or phrase that a correct answer must contain (compare case-insensitively and,
-    ideally, as whole words: "center" is also inside "bottom center").
+    ``avoid_combos``, so held-out pairs are not even named in training text), and the shape of
+    the only small or only large object where there is one. ``key`` is the lowercase word or
+    phrase that a correct answer must contain (compare case-insensitively and, ideally, as whole
+    words: "center" is also inside "bottom center"). ``questions`` holds the wordings
+    (`QUESTIONS`, or `HELDOUT_QUESTIONS` for the phrasings no training text contains).
     """
+    Q = questions
     objs, n = _shuffled(scene, rng), len(scene.objects)
     qa: list[tuple[str, str, str]] = []
     shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
+    unique = lambda o: shape_counts[o.shape] == 1  # noqa: E731 - "the star" names one object
     for o in objs:
-        if shape_counts[o.shape] == 1:
-            q = rng.choice(["What colour is the {s}?", "Which colour is the {s}?",
-                            "What is the colour of the {s}?", "Tell me the colour of the {s}."])
+        if unique(o):
+            q = rng.choice(Q["colour"])
             a = rng.choice(["The {s} is {c}.", "It is {c}.", "The {s} in the picture is {c}."])
             qa.append((q.format(s=o.shape), a.format(s=o.shape, c=o.colour), o.colour))
     noun = rng.choice(["object", "shape"])
-    q = rng.choice([f"How many {noun}s are there?", f"How many {noun}s can you see?",
-                    f"Count the {noun}s in the image.", f"How many {noun}s are in the picture?"])
+    q = rng.choice(Q["count"]).format(n=noun)
     a = rng.choice([f"There {'is' if n == 1 else 'are'} {_count(n, noun)}.",
                     f"I can see {_count(n, noun)}.", _cap(_count(n, noun)) + "."])
     qa.append((q, a, NUMBER_WORDS[n]))
     for o in objs:
         pos = cell_phrase(o.cell)
-        q = rng.choice(["Where is the {t}?", "In which part of the image is the {t}?",
-                        "Where can I find the {t}?"])
+        q = rng.choice(Q["position"])
+        if "{s}" in q and not unique(o):  # named by shape alone only where that is one object
+            q = Q["position"][-1]
         a = rng.choice(["The {t} is in the {p}.", "It is in the {p}.",
                         "You can find it in the {p}."])
-        qa.append((q.format(t=o.name), a.format(t=o.name, p=pos), pos))
+        qa.append((q.format(t=o.name, s=o.shape), a.format(t=o.name, p=pos), pos))
     o = rng.choice(objs)
-    q = rng.choice(["What shape is in the {p}?", "Which shape is in the {p}?",
-                    "What is in the {p}?"])
+    q = rng.choice(Q["shape"])
     a = rng.choice(["There is {t} in the {p}.", "It is {t}."])
     qa.append((q.format(p=cell_phrase(o.cell)),
                a.format(t=_a(o.full_name), p=cell_phrase(o.cell)), o.shape))
     o = rng.choice(objs)
-    q = rng.choice(["Is the {t} small or large?", "Is the {t} large or small?",
-                    "How big is the {t}?"])
+    q = rng.choice(Q["size"])
     a = rng.choice(["The {t} is {z}.", "It is {z}."])
     qa.append((q.format(t=o.name), a.format(t=o.name, z=o.size), o.size))
-    ask = rng.choice(["Is there {t}?", "Do you see {t}?", "Is there {t} in the picture?",
-                      "Can you spot {t}?"])
+    ask = rng.choice(Q["existence"])
     o = rng.choice(objs)
     a = rng.choice(["Yes, there is {t}.", "Yes, I can see {t}.", "Yes, {t} is in the {p}."])
     qa.append((ask.format(t=_a(o.name)), a.format(t=_a(o.name), p=cell_phrase(o.cell)), "yes"))
@@ -180,10 +217,16 @@ def qa_pairs(scene: Scene, rng: random.Random, *,
     # Half the time ask a near miss (right colour or right shape, wrong pairing): harder to guess.
     near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
     c, s = rng.choice(near if near and rng.random() < 0.5 else absent)
-    ask = rng.choice(["Is there {t}?", "Do you see {t}?", "Is there {t} in the picture?",
-                      "Can you spot {t}?"])
+    ask = rng.choice(Q["existence"])
     a = rng.choice(["No, there is no {cs}.", "No, I cannot see {t}.", "No, there is no {cs} here."])
     qa.append((ask.format(t=_a(f"{c} {s}")), a.format(t=_a(f"{c} {s}"), cs=f"{c} {s}"), "no"))
+    # the object found by its size: asked only where exactly one object has that size
+    for size in SIZES:
+        sized = [o for o in objs if o.size == size]
+        if len(sized) == 1 and n > 1:
+            q = rng.choice(Q["by_size"]).format(z=size)
+            a = rng.choice(["It is {t}.", "The {z} object is {t}."])
+            qa.append((q, a.format(t=_a(sized[0].name), z=size), sized[0].shape))
     return qa
 
 
