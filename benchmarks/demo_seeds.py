@@ -26,6 +26,7 @@ from minigpt4_lite.config import preset
 from minigpt4_lite.evaluate import QA_KINDS, evaluate, slot_ceiling
 from minigpt4_lite.pipeline import (
     DEMO_TARGETS,
+    STAGE1_REGISTERS,
     STAGE2_REGISTERS,
     demo_table,
     demo_targets,
@@ -62,8 +63,7 @@ def reevaluate(folder: Path) -> dict:
     not change, so this gives what a new run would."""
     m = json.loads((folder / "metrics.json").read_text())
     scenes = tw.make_scenes("heldout", m["n_eval"])
-    for stage, registers in (("stage1", ("caption", "detailed", "poem", "qa")),
-                             ("stage2", STAGE2_REGISTERS)):
+    for stage, registers in (("stage1", STAGE1_REGISTERS), ("stage2", STAGE2_REGISTERS)):
         model = load_model(preset("tiny"), projection=str(folder / stage))
         m[stage] = evaluate(model, scenes, registers=registers)
     m["table"], m["targets"] = demo_table(m["stage1"], m["stage2"]), demo_targets(m)

@@ -37,10 +37,8 @@ PROMPTS = {  # the instruction of each evaluated register (None: the stage-1 lay
     "detailed": "Describe this image in detail.",
     "poem": "Write a poem about this image.",
 }
-MAX_NEW_TOKENS = {"caption": 32, "detailed": 160, "poem": 100, "qa": 32, "qa_heldout": 32,
-                  "qa_followup": 32}
-STOPS = {"caption": "\n", "detailed": "###", "poem": "###", "qa": "###", "qa_heldout": "###",
-         "qa_followup": "###"}
+MAX_NEW_TOKENS = {"caption": 32, "detailed": 160, "poem": 100, "qa": 32}  # every Q&A register: "qa"
+STOPS = {"caption": "\n", "detailed": "###", "poem": "###", "qa": "###"}
 
 
 def repetition_rate(text: str, n: int = 4) -> float:
@@ -196,7 +194,10 @@ def followup_prompts(first: list[tuple[str, str, str]], answers: list[str],
     return prompts
 
 
-QA_REGISTERS = ("qa", "qa_heldout", "qa_followup")
+# the short-answer registers of `evaluate`, and how `qa_table` names them
+QA_ROWS = {"qa": "trained wordings", "qa_heldout": "held-out wordings",
+           "qa_followup": "follow-up (2nd question, same chat)"}
+QA_REGISTERS = tuple(QA_ROWS)
 
 
 @torch.no_grad()
@@ -247,11 +248,12 @@ def evaluate(model, scenes: list[tw.Scene], registers=("caption", "detailed", "p
 def _generate(model, prompts, image_embeds, register: str, batch_size: int
               ) -> tuple[list[str], list[bool]]:
     """Greedy answers of one register, in batches: (texts, whether each stopped)."""
-    settings = GenerationSettings(do_sample=False, max_new_tokens=MAX_NEW_TOKENS[register])
+    kind = "qa" if register in QA_REGISTERS else register  # all short answers alike
+    settings = GenerationSettings(do_sample=False, max_new_tokens=MAX_NEW_TOKENS[kind])
     outs = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {register}", leave=False):
         outs += generate(model, prompts[i:i + batch_size], image_embeds[i:i + batch_size],
-                         settings, stop=STOPS[register])
+                         settings, stop=STOPS[kind])
     return [o.text for o in outs], [o.stopped for o in outs]
 
 
@@ -336,9 +338,6 @@ def table3(results: dict[str, dict]) -> str:
     rows.append("| paper (Table 3, 7B, hand-counted) | 35% -> 2% | | | | | 32% -> 1% | |")
     return "\n".join(rows)
 
-
-QA_ROWS = {"qa": "trained wordings", "qa_heldout": "held-out wordings",
-           "qa_followup": "follow-up (2nd question, same chat)"}
 
 
 def qa_table(results: dict) -> str:

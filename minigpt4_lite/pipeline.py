@@ -41,7 +41,8 @@ DEMO_TARGETS = {
 }
 
 
-STAGE2_REGISTERS = ("caption", "detailed", "poem", "qa", "qa_heldout", "qa_followup")
+STAGE1_REGISTERS = ("caption", "detailed", "poem", "qa")
+STAGE2_REGISTERS = (*STAGE1_REGISTERS, "qa_heldout", "qa_followup")
 
 
 def demo_targets(metrics: dict) -> dict[str, bool]:
@@ -71,7 +72,7 @@ def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
     t1 = time.time()
     scenes = tw.make_scenes("heldout", n_eval)
     features = scene_features(model, scenes)
-    stage1 = evaluate(model, scenes, features=features)
+    stage1 = evaluate(model, scenes, features=features, registers=STAGE1_REGISTERS)
     t2 = time.time()
     train(model, ToyWorldDataset(2, n_train, seed=seed),
           recipe("tiny-stage2", seed=seed, out_dir=str(out / "stage2"), bucket=bucket),
