@@ -53,6 +53,7 @@ from minigpt4_lite.toyworld.card import render_model_card, sha256
 from minigpt4_lite.toyworld.slots import (
     N_SLOTS,
     SlotEncoder,
+    pin_slot_words,
     slot_vocabulary,
     slot_word_counts,
     slot_words,
@@ -281,6 +282,8 @@ def test_default_build_config_is_the_shipped_recipe():
     ours = json.loads(json.dumps(asdict(BuildConfig())))
     if "precision" not in shipped:  # built before the setting existed, in bf16 on an AMX CPU
         assert ours.pop("precision") == "auto"
+    if "slot_word_norm" not in shipped:  # built before the setting existed: trained slot words
+        assert ours.pop("slot_word_norm") == 0.0
     assert ours == shipped
 
 
@@ -407,6 +410,28 @@ def test_build_stops_on_a_nan_loss_and_saves_nothing_of_that_part(tmp_path):
     with pytest.raises(TrainingError, match=r"LLM pretraining loss became (nan|inf)"):
         build(tmp_path, cfg, parts=("llm",))
     assert not (tmp_path / "llm" / "model.safetensors").exists()
+
+
+def test_pinned_slot_words_are_orthogonal_and_stay_fixed_in_pretraining(tiny):
+    """`slot_word_norm` > 0: the slot words' embeddings are orthogonal, of that length, and the
+    pretraining (which trains every other row) leaves them where they were put."""
+    from transformers import AutoTokenizer
+
+    from minigpt4_lite.toyworld.build_llm import pretrain_llm
+
+    encoder = SlotEncoder(tiny.tokenizer)
+    emb = torch.nn.Embedding(len(tiny.tokenizer), 256)
+    ids, rows = pin_slot_words(emb, encoder, 1.5, seed=0)
+    assert len(ids) == len({i for t in encoder.token_ids for i in t})
+    torch.testing.assert_close(rows @ rows.T, 1.5 ** 2 * torch.eye(len(ids)))
+    torch.testing.assert_close(emb.weight[ids], rows)
+    tok = AutoTokenizer.from_pretrained(ASSETS / "llm")
+    cfg = BuildConfig(steps_scale=0.002, n_train_scenes=100, llm_batch=4, llm_bucket_pool=1,
+                      compile=False, llm_attention="sdpa", slot_word_norm=1.5)
+    llm = pretrain_llm(cfg, tok, tw.make_scenes("train", 100))  # 10 steps
+    weight = llm.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(weight[ids], pin_slot_words(torch.nn.Embedding(*weight.shape),
+                                                           encoder, 1.5, cfg.seed)[1])
 
 
 def test_build_refuses_unknown_parts(tmp_path):

@@ -58,7 +58,7 @@ from .recipe import (
     build_autocast,
     finite_loss,
 )
-from .slots import N_SLOTS, SlotEncoder, slot_vocabulary
+from .slots import N_SLOTS, SlotEncoder, pin_slot_words, slot_vocabulary
 from .world import Scene
 
 ADDED_TOKENS = ("###", "<Img>", "</Img>", "Human:", "Assistant:")
@@ -200,6 +200,10 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     llm = LlamaForCausalLM(llm_cfg).to(cfg.device)
     slots = SlotEncoder(tokenizer)
+    emb = llm.get_input_embeddings()
+    pinned = None  # (token ids, rows) of slot words held fixed: `BuildConfig.slot_word_norm`
+    if cfg.slot_word_norm:
+        pinned = pin_slot_words(emb, slots, cfg.slot_word_norm, cfg.seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm_lr, weight_decay=0.01)
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     total = cfg.steps(cfg.llm_steps)
@@ -236,6 +240,9 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
         (loss * weight).backward()
         torch.nn.utils.clip_grad_norm_(llm.parameters(), 1.0)
         opt.step()
+        if pinned is not None:  # the slot words' rows stay where `pin_slot_words` put them
+            with torch.no_grad():
+                emb.weight[pinned[0]] = pinned[1]
         bar.set_postfix(loss=f"{value:.3f}")
     if undo is not None:
         undo()

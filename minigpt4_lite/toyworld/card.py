@@ -88,6 +88,14 @@ def _fast_note(b: dict) -> str:
                else ""))
 
 
+def _pinned_note(b: dict) -> str:
+    """The slot words' embeddings, where the build held them fixed (`slot_word_norm`)."""
+    if not b.get("slot_word_norm"):
+        return ""
+    return (f" The input embeddings of the slot words were held fixed at orthogonal vectors of "
+            f"length {b['slot_word_norm']} (`slots.pin_slot_words`).")
+
+
 def _slot_caption_note(b: dict) -> str:
     weights = b.get("form_weights", FORM_WEIGHTS)
     i = FORMS.index("slot_caption")  # reports from before it existed have fewer weights
@@ -237,9 +245,9 @@ Everything here is loaded by `preset("tiny")` offline. This card is rendered fro
   register (detailed descriptions, Q&A, poems, stories, captions), with the scene given in words,
   or as *slot vectors*: one input vector per grid cell, the sum of that cell's word embeddings
   (position, size, colour, shape or "empty") plus one for the background, plus Gaussian noise
-  ({b['slot_noise']} x the embedding std). Shares of the forms (caption text, scene in words, slot
-  vectors in the stage-2 template, in the chat template, multi-turn Q&A chats with every answer
-  supervised, slot vectors followed directly by a caption):
+  ({b['slot_noise']} x the embedding std).{_pinned_note(b)} Shares of the forms (caption text,
+  scene in words, slot vectors in the stage-2 template, in the chat template, multi-turn Q&A
+  chats with every answer supervised, slot vectors followed directly by a caption):
   {', '.join(map(str, b.get('form_weights', FORM_WEIGHTS)))}. Shares of the registers (detailed
   description, Q&A, poem, story, caption) where a form draws one:
   {', '.join(map(str, b.get('kind_weights', PLAIN['kind_weights'])))}.{_slot_caption_note(b)}

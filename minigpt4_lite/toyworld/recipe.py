@@ -68,6 +68,9 @@ class BuildConfig:
     # bf16 autocast or float32; "auto": bf16 only where the hardware computes it natively
     # (`native_bf16`). The shipped files record which one built them (`build_report.json`).
     precision: str = "auto"
+    # length of the fixed, orthogonal input embeddings of the slot words (`slots.pin_slot_words`);
+    # 0 = trained with the rest (the shipped assets)
+    slot_word_norm: float = 0.0
     slot_noise: float = 0.5  # std of the noise added to slot vectors, relative to embedding std
     # shares of the pretraining forms, in the order of `FORMS` (caption, words, slots, chat,
     # qa_chat, slot_caption); a list in JSON reports
