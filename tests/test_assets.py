@@ -415,8 +415,6 @@ def test_build_stops_on_a_nan_loss_and_saves_nothing_of_that_part(tmp_path):
 def test_pinned_slot_words_are_orthogonal_and_stay_fixed_in_pretraining(tiny):
     """`slot_word_norm` > 0: the slot words' embeddings are orthogonal, of that length, and the
     pretraining (which trains every other row) leaves them where they were put."""
-    from transformers import AutoTokenizer
-
     from minigpt4_lite.toyworld.build_llm import pretrain_llm
 
     encoder = SlotEncoder(tiny.tokenizer)
@@ -425,10 +423,9 @@ def test_pinned_slot_words_are_orthogonal_and_stay_fixed_in_pretraining(tiny):
     assert len(ids) == len({i for t in encoder.token_ids for i in t})
     torch.testing.assert_close(rows @ rows.T, 1.5 ** 2 * torch.eye(len(ids)))
     torch.testing.assert_close(emb.weight[ids], rows)
-    tok = AutoTokenizer.from_pretrained(ASSETS / "llm")
     cfg = BuildConfig(steps_scale=0.002, n_train_scenes=100, llm_batch=4, llm_bucket_pool=1,
                       compile=False, llm_attention="sdpa", slot_word_norm=1.5)
-    llm = pretrain_llm(cfg, tok, tw.make_scenes("train", 100))  # 10 steps
+    llm = pretrain_llm(cfg, tiny.tokenizer, tw.make_scenes("train", 100))  # 10 steps
     weight = llm.get_input_embeddings().weight.detach()
     torch.testing.assert_close(weight[ids], pin_slot_words(torch.nn.Embedding(*weight.shape),
                                                            encoder, 1.5, cfg.seed)[1])
