@@ -225,6 +225,13 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return shlex.join(["python", f"benchmarks/{script}", *out])
 
 
+def footer(script: str, argv: list[str] | None, seconds: float, device: str = "cpu") -> str:
+    """The closing lines of a section: machine, command and date of the run."""
+    return (f"- machine: {machine_line(machine_info(device))}; {seconds:.0f} s\n"
+            f"- command: `{command_line(script, argv)}`\n"
+            f"- date: {datetime.date.today().isoformat()}\n")
+
+
 def stamp(run: dict, args: argparse.Namespace, load: str, script: str, argv) -> None:
     """Record the conditions of a run: load (start, end, note), machine, date, command."""
     run["load"] = load + f"; {load_average():.2f} at the end" + (

@@ -14,7 +14,6 @@ the file is left as it is). Needs assets/ and assets/projections/stage1 and stag
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -76,8 +75,6 @@ def main(argv=None) -> None:
     print(f"({seconds:.1f} s)")
     if args.no_write:
         return
-    machine = harness.machine_line(harness.machine_info("cpu"))
-    command = harness.command_line("lens_hit_rate.py", argv)
     body = f"""## Lens hit rate (`benchmarks/lens_hit_rate.py`)
 
 Share of {args.n} held-out ToyWorld scenes where the pooled top-k cosine-nearest vocabulary tokens
@@ -88,10 +85,7 @@ generation: this reads the projected tokens directly against the LLM's input-emb
 
 {md}
 
-- machine: {machine}; {seconds:.0f} s
-- command: `{command}`
-- date: {datetime.date.today().isoformat()}
-"""
+{harness.footer("lens_hit_rate.py", argv, seconds)}"""
     harness.write_section(Path(args.output), NAME, body)
     print(f"updated {args.output}")
 

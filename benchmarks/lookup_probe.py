@@ -21,7 +21,6 @@ Prints a table and writes it into BENCHMARKS.md between the `lookup_probe` marke
 from __future__ import annotations
 
 import argparse
-import datetime
 import random
 import time
 from pathlib import Path
@@ -182,8 +181,6 @@ def main(argv=None) -> None:
     print(f"({seconds:.0f} s)")
     if args.no_write:
         return
-    machine = harness.machine_line(harness.machine_info("cpu"))
-    command = harness.command_line("lookup_probe.py", argv)
     body = f"""## Where the object lookup fails (`benchmarks/lookup_probe.py`)
 
 "What colour is the {{shape}}?" about held-out ToyWorld scenes with 3-4 objects, the scene given
@@ -196,10 +193,7 @@ rest.
 
 {md}
 
-- machine: {machine}; {seconds:.0f} s
-- command: `{command}`
-- date: {datetime.date.today().isoformat()}
-"""
+{harness.footer("lookup_probe.py", argv, seconds)}"""
     harness.write_section(Path(args.output), NAME, body)
     print(f"updated {args.output}")
 
