@@ -168,7 +168,6 @@ def main(argv=None) -> None:
     parser.add_argument("--llm", default=str(ROOT / "assets" / "llm"))
     harness.add_output_args(parser)
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     t0 = time.perf_counter()
     r = measure(Path(args.llm), args.n)
     seconds = time.perf_counter() - t0
