@@ -22,17 +22,18 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import harness
 import torch
 from harness import ROOT
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite.model import insert_image_embeds
 from minigpt4_lite.prompts import END_SYM, MAX_TXT_LEN, build_example, collate, stage2_prompt
-from minigpt4_lite.toyworld.build_llm import collate_with_slots
+from minigpt4_lite.toyworld.build_llm import collate_with_slots, fresh_llm
 from minigpt4_lite.toyworld.recipe import BuildConfig
 from minigpt4_lite.toyworld.slots import N_SLOTS, SlotEncoder
 from minigpt4_lite.train import warmup_cosine
@@ -48,17 +49,6 @@ def colour_questions(scenes: list[tw.Scene], rng: random.Random) -> list[tuple]:
         if qa:
             out.append((scene, *qa[0]))
     return out
-
-
-def fresh_llm(tok, seed: int) -> LlamaForCausalLM:
-    """A randomly initialised LLM of the shipped shape."""
-    cfg = BuildConfig()
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg.llm_hidden, intermediate_size=cfg.llm_mlp,
-        num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
-        max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False))
 
 
 @torch.no_grad()
@@ -80,7 +70,7 @@ def lookup_accuracy(llm, tok, slots: SlotEncoder, held: list[tuple]) -> float:
 def train_curve(tok, lr: float, seed: int, steps: int, every: int, held: list[tuple]) -> list:
     """Lookup accuracy after every `every` steps of colour-question training at peak `lr`."""
     cfg, train = BuildConfig(), tw.make_scenes("train", BuildConfig().n_train_scenes)
-    llm, slots = fresh_llm(tok, seed), SlotEncoder(tok)
+    llm, slots = fresh_llm(replace(cfg, seed=seed), tok), SlotEncoder(tok)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     curve = []

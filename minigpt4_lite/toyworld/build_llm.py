@@ -188,17 +188,22 @@ def llm_batch(llm: nn.Module, tokenizer, slots: SlotEncoder, scenes: list[Scene]
     return collate_with_slots(llm, tokenizer, slots, items, gen, noise)
 
 
-def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
-    """Pretrain the tiny LLM on `llm_examples` drawn from `scenes`; returns it in eval mode."""
+def fresh_llm(cfg: BuildConfig, tokenizer):
+    """A randomly initialised Llama of the build's shape, seeded by `cfg.seed` (on the CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
-    llm_cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.llm_hidden,
-                          intermediate_size=cfg.llm_mlp, num_hidden_layers=cfg.llm_layers,
-                          num_attention_heads=cfg.llm_heads, max_position_embeddings=512,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    llm = LlamaForCausalLM(llm_cfg).to(cfg.device)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.llm_hidden, intermediate_size=cfg.llm_mlp,
+        num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
+        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False))
+
+
+def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
+    """Pretrain the tiny LLM on `llm_examples` drawn from `scenes`; returns it in eval mode."""
+    llm = fresh_llm(cfg, tokenizer).to(cfg.device)
     slots = SlotEncoder(tokenizer)
     emb = llm.get_input_embeddings()
     pinned = None  # (token ids, rows) of slot words held fixed: `BuildConfig.slot_word_norm`
