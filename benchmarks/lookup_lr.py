@@ -67,9 +67,10 @@ def lookup_accuracy(llm, tok, slots: SlotEncoder, held: list[tuple]) -> float:
     return (logits.argmax(-1) == want).float().mean().item()
 
 
-def train_curve(tok, lr: float, seed: int, steps: int, every: int, held: list[tuple]) -> list:
+def train_curve(tok, lr: float, seed: int, steps: int, every: int, train: list[tw.Scene],
+                held: list[tuple]) -> list:
     """Lookup accuracy after every `every` steps of colour-question training at peak `lr`."""
-    cfg, train = BuildConfig(), tw.make_scenes("train", BuildConfig().n_train_scenes)
+    cfg = BuildConfig()
     llm, slots = fresh_llm(replace(cfg, seed=seed), tok), SlotEncoder(tok)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -121,10 +122,12 @@ def main(argv=None) -> None:
     tok = AutoTokenizer.from_pretrained(args.llm)
     held_scenes = [s for s in tw.make_scenes("heldout", 1500) if len(s.objects) >= 3]
     held = colour_questions(held_scenes, random.Random(1))[:400]
+    train = tw.make_scenes("train", BuildConfig().n_train_scenes)  # the build's training scenes
     t0, results = time.time(), {}
     for lr in args.lrs:
         for seed in args.seeds:
-            results[(lr, seed)] = train_curve(tok, lr, seed, args.steps, args.every, held)
+            results[(lr, seed)] = train_curve(tok, lr, seed, args.steps, args.every, train,
+                                           held)
     seconds = time.time() - t0
     body = f"""## Learning the object lookup: the learning rate (`benchmarks/lookup_lr.py`)
 
