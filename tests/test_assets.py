@@ -373,7 +373,7 @@ def test_qa_dialogue_later_turns_carry_loss_on_their_answers_only(tiny):
 def test_plain_forms_are_the_earlier_recipe():
     """`--plain` draws exactly what the build drew before the `qa_chat` and `slot_caption` forms
     existed: forms added with weight 0 at the end change no draw."""
-    assert PLAIN["form_weights"][4:] == (0, 0) and BuildConfig().form_weights[4] > 0
+    assert PLAIN["form_weights"][4:] == (0, 0, 0) and BuildConfig().form_weights[4] > 0
     assert BuildConfig().form_weights[FORMS.index("slot_caption")] > 0
     assert PREVIOUS["form_weights"][FORMS.index("slot_caption")] == 0
     old, new = random.Random(5), random.Random(5)
@@ -401,6 +401,35 @@ def test_slot_caption_form_is_stage1_layout(tiny):
         text = tiny.tokenizer.decode(example.ids[1 + n_img:])
         assert text.endswith("\n") and text[:-1] == clean_caption(text[:-1])
         assert all(obj.shape in text for obj in scene.objects)
+
+
+def test_drill_form_is_a_terse_true_lookup_with_the_value_supervised(tiny):
+    """`drill`: `[BOS] <Img>[slots]</Img> key:` then the value and a newline, only the value
+    supervised; the value is the named object's colour, cell or size in that very scene."""
+    tok, n_img = tiny.tokenizer, tiny.cfg.num_visual_tokens
+    scenes = tw.make_scenes("heldout", 60)
+    only = tuple(int(f == "drill") for f in FORMS)
+    items = llm_examples(tok, scenes, random.Random(0), only)
+    kinds = set()
+    for (example, kept), scene in zip(items, scenes):
+        assert kept is scene  # slot vectors fill its image slots
+        assert example.ids[:3 + n_img] == [tok.bos_token_id, *tok("<Img>").input_ids[-1:],
+                                           *[-1] * n_img, *tok("</Img>").input_ids[-1:]]
+        n_prompt = example.labels.index(next(x for x in example.labels if x != IGNORE_INDEX))
+        key = tok.decode(example.ids[3 + n_img:n_prompt]).strip()
+        value = tok.decode(example.ids[n_prompt:])
+        assert key.endswith(":") and value.startswith(" ") and value.endswith("\n")
+        assert example.labels[n_prompt:] == example.ids[n_prompt:]
+        key, value = key[:-1], value.strip()
+        named = [o for o in scene.objects if key in (o.shape, o.name)]
+        assert len(named) >= 1
+        if key in tw.SHAPES:  # a shape names one object only where it occurs once
+            assert len(named) == 1 and value == named[0].colour
+            kinds.add("colour")
+        else:
+            assert value in {tw.cell_phrase(o.cell) for o in named} | {o.size for o in named}
+            kinds.add("size" if value in tw.SIZES else "cell")
+    assert kinds == {"colour", "cell", "size"}
 
 
 def test_build_stops_on_a_nan_loss_and_saves_nothing_of_that_part(tmp_path):

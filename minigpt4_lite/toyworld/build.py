@@ -105,6 +105,8 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
         "llm", "vision"} else {}
     report["build_config"] = asdict(cfg)
     report["precision"] = precision  # "auto" resolved on this machine
+    for part in parts:  # per part, as a build of one part keeps the other's from an earlier run
+        report[f"{part}_precision"] = precision
     seconds = report.setdefault("seconds", {})
     # the ViT + Q-Former first: run after the compiled LLM, its explicit-attention variant trained
     # 1.7x slower per step here (0.20 s instead of 0.12 s; why is not understood). The two parts

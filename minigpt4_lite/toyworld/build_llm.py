@@ -48,7 +48,7 @@ from ..speed import (
     register_eager_fp32,
 )
 from ..train import warmup_cosine
-from .language import TASK_KINDS, caption, qa_pairs, sample_task, scene_in_words
+from .language import TASK_KINDS, caption, lookup_drill, qa_pairs, sample_task, scene_in_words
 from .recipe import (
     FORM_WEIGHTS,
     FORMS,
@@ -108,6 +108,9 @@ def llm_example(scene: Scene, rng: random.Random, form: str, kind_weights=KIND_W
         return "", caption(scene, rng), END_SYM[1], False
     if form == "slot_caption":  # stage 1's layout, `[BOS] [slots] caption\n`, as in its data
         return None, clean_caption(caption(scene, rng)), END_SYM[1], True
+    if form == "drill":  # a terse lookup, `[BOS] <Img>[slots]</Img> star: red\n`
+        key, value = lookup_drill(scene, rng)
+        return f"{IMAGE_MESSAGE} {key}:", " " + value, END_SYM[1], True
     if form == "words":
         return stage2_prompt(instruction, image=scene_in_words(scene)), answer, END_SYM[2], False
     if form == "slots":

@@ -39,9 +39,11 @@ PROTOTYPE_NOTE = (
 
 
 
-def _precision(report: dict) -> str:
-    """How the pretrainings computed (reports before 2026-11-29 lack the key: bf16 autocast)."""
-    return "float32" if report.get("precision") == "fp32" else "bf16 autocast"
+def _precision(report: dict, part: str) -> str:
+    """How `part` ("llm" or "vision") was pretrained; a build of one part records its own, and
+    reports before 2026-11-29 lack the key (bf16 autocast)."""
+    precision = report.get(f"{part}_precision", report.get("precision"))
+    return "float32" if precision == "fp32" else "bf16 autocast"
 
 def sha256(path: Path) -> str:
     """The file's sha256, as the card and `build_report.json` list it."""
@@ -101,9 +103,24 @@ def _slot_caption_note(b: dict) -> str:
     i = FORMS.index("slot_caption")  # reports from before it existed have fewer weights
     if len(weights) <= i or not weights[i]:
         return ""
-    return ("\n  The last form is stage 1's own layout (`[BOS] [slots] caption\\n`, no prompt),"
+    return ("\n  The sixth form is stage 1's own layout (`[BOS] [slots] caption\\n`, no prompt),"
             " like BLIP-2's\n  second stage, which trained its Q-Former's outputs to be"
             " captioned by a frozen LLM.")
+
+
+def _form_notes(b: dict) -> str:
+    return _slot_caption_note(b) + _drill_note(b)
+
+
+def _drill_note(b: dict) -> str:
+    weights = b.get("form_weights", FORM_WEIGHTS)
+    i = FORMS.index("drill")  # reports from before it existed have fewer weights
+    if len(weights) <= i or not weights[i]:
+        return ""
+    return ("\n  The seventh form is a terse lookup in one fixed layout (`<Img>[slots]</Img> star:"
+            " red`,\n  `language.lookup_drill`): where the question always sits in the same"
+            " place, a fresh\n  LLM learns to find an object among the slots within a few"
+            " hundred steps.")
 
 
 def _scoring_note(llm: dict) -> str:
@@ -217,7 +234,7 @@ def render_model_card(folder: str | Path, report: dict | None = None) -> str:
     vq_cfg = json.loads((folder / "vision_qformer" / "config.json").read_text())
     llm_params = safetensors_params(folder / "llm" / "model.safetensors")
     vq_params = safetensors_params(folder / "vision_qformer" / "model.safetensors")
-    prec = _precision(report)
+    llm_prec, vision_prec = _precision(report, "llm"), _precision(report, "vision")
     n_queries = vq_cfg["num_query_tokens"]
     time_note = (_recorded(report.get("time_note"), "Note recorded with this build")
                  + _schedule_note(report))
@@ -240,17 +257,18 @@ Everything here is loaded by `preset("tiny")` offline. This card is rendered fro
   {llm_cfg['intermediate_size']}, vocabulary {llm_cfg['vocab_size']}, context
   {llm_cfg['max_position_embeddings']} (`llm/config.json`).
 - Pretrained on text only, {b['llm_steps']} steps x {b['llm_batch']} sequences, AdamW
-  (peak lr {b['llm_lr']}, warmup + cosine), {prec}{_fast_note(b)}: ToyWorld captions, and
+  (peak lr {b['llm_lr']}, warmup + cosine), {llm_prec}{_fast_note(b)}: ToyWorld captions, and
   `###Human: ... ###Assistant: ...` dialogues (stage-2 template and the chat template) in every
   register (detailed descriptions, Q&A, poems, stories, captions), with the scene given in words,
   or as *slot vectors*: one input vector per grid cell, the sum of that cell's word embeddings
   (position, size, colour, shape or "empty") plus one for the background, plus Gaussian noise
   ({b['slot_noise']} x the embedding std).{_pinned_note(b)} Shares of the forms (caption text,
   scene in words, slot vectors in the stage-2 template, in the chat template, multi-turn Q&A
-  chats with every answer supervised, slot vectors followed directly by a caption):
+  chats with every answer supervised, slot vectors followed directly by a caption, terse
+  lookups):
   {', '.join(map(str, b.get('form_weights', FORM_WEIGHTS)))}. Shares of the registers (detailed
   description, Q&A, poem, story, caption) where a form draws one:
-  {', '.join(map(str, b.get('kind_weights', PLAIN['kind_weights'])))}.{_slot_caption_note(b)}
+  {', '.join(map(str, b.get('kind_weights', PLAIN['kind_weights'])))}.{_form_notes(b)}
 - *Why the slot vectors (commentary; the prototype's figure is recorded, not re-measured):*
   {PROTOTYPE_NOTE} Scale buys this skill for free; at {llm_params / 1e6:.1f} M parameters it
   must be taught.
@@ -265,7 +283,7 @@ Everything here is loaded by `preset("tiny")` offline. This card is rendered fro
 ## `vision_qformer/`: the tiny "BLIP-2" ViT + Q-Former (HF BLIP-2 layout)
 - {vq_params:,} parameters (counted in `vision_qformer/model.safetensors`).
   {_vision_architecture(vq_cfg)} (`vision_qformer/config.json`).
-- Pretrained for {b['vision_steps']} steps x {b['vision_batch']} rendered scenes ({prec},
+- Pretrained for {b['vision_steps']} steps x {b['vision_batch']} rendered scenes ({vision_prec},
   {b.get('vision_attention', 'sdpa')} attention) with a grounded
   representation objective in the spirit of BLIP-2's first stage: query i (i < {n_queries - 1})
   must predict grid cell i's shape, colour and size (or "empty") and query {n_queries - 1} the

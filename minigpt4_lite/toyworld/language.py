@@ -230,6 +230,24 @@ def qa_pairs(scene: Scene, rng: random.Random, *,
     return qa
 
 
+def lookup_drill(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A terse lookup (key, value) about one object: "star" -> "red", "red star" -> "top left".
+
+    Half of them ask the colour of an object named by its shape (where that shape occurs once),
+    a quarter its cell and a quarter its size, named by colour and shape. The LLM's pretraining
+    lays them out as `<Img>[slots]</Img> star: red`, the same place in every sequence: a fresh
+    tiny LLM learns to find an object among the slot vectors in that fixed layout within a few
+    hundred steps, where varied question wordings alone stall (docs/asset_history.md).
+    """
+    objs = _shuffled(scene, rng)
+    unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+    roll = rng.random()
+    if unique and roll < 0.5:
+        return unique[0].shape, unique[0].colour
+    o = objs[0]
+    return (o.name, cell_phrase(o.cell)) if roll < 0.75 else (o.name, o.size)
+
+
 def poem(scene: Scene, rng: random.Random) -> str:
     """A four-line poem naming every object as "<colour> <shape>".
 
