@@ -12,7 +12,9 @@ gives what naming a random object's colour would score).
 Each learning rate runs the build's schedule (`train.warmup_cosine`, warmup 1/12 of the steps,
 then a cosine to 1/20 of the peak) for `--steps` steps, batch 32, slot noise 0.5 as in the build.
 
-    python benchmarks/lookup_lr.py   # lrs 2e-3 (the build's) and 5e-4, seeds 0 and 1, ~25 min
+    python benchmarks/lookup_lr.py   # lrs 2e-3 and 5e-4, seeds 0 and 1, ~25 min
+
+(2e-3 was the build's peak learning rate until 2026-11-30, 5e-4 is since.)
 
 Prints a table and writes it into BENCHMARKS.md between the `lookup_lr` markers.
 """
