@@ -313,7 +313,7 @@ def slot_ceiling(model, scenes: list[tw.Scene],
     space, as it read scenes in its text-only pretraining (`toyworld.slots.SlotEncoder`, no noise),
     i.e. what a perfect projection onto them would hand it. Over eight LLM builds the demo's
     stage-2 failure rate lay 2-13 points above this ceiling's with the earlier Q-Former, 0-7.5
-    points with the one trained to be read linearly (README, "How the targets were reached"), so
+    points with the one trained to be read linearly (docs/asset_history.md), so
     a build's ceiling predicts its demo. (Captions in the stage-1 layout are the exception for an
     LLM that never read slots in that layout: the stage-1 projection finds tokens that work
     better there.)

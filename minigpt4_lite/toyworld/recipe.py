@@ -23,7 +23,7 @@ from ..errors import TrainingError
 
 # What the LLM reads during pretraining: shares of each form and of each register (TASK_KINDS:
 # detailed, qa, poem, story, caption); see `llm_example` and `qa_dialogue`. Measured over eight
-# LLM builds (README, "How the targets were reached"): 10% `slot_caption` sequences (stage
+# LLM builds (docs/asset_history.md): 10% `slot_caption` sequences (stage
 # 1's own layout) make stage 1's alignment reliable, and detailed descriptions as 45% of the
 # registers (instead of 30%) gave the LLM that describes scenes best from exact slot vectors.
 FORMS = ("caption", "words", "slots", "chat", "qa_chat", "slot_caption", "drill")
@@ -52,8 +52,8 @@ class BuildConfig:
     # 4,000 steps at a peak lr of 5e-4 (until 2026-11-30: 5,000 at 2e-3). At 2e-3 a fresh LLM never
     # learned to find an object among the slots from the varied question wordings; at 5e-4 it
     # does (benchmarks/lookup_lr.py), and the whole build's LLM answered 86% of the questions
-    # from exact slots instead of 69% (docs/asset_history.md). 4,000 steps keep the build within
-    # an hour on a 2-core AVX2 CPU, where it runs in float32.
+    # from exact slots instead of 69% (docs/asset_history.md). 4,000 steps: about 48 minutes at
+    # the 0.72 s per step measured on a 2-core AVX2 CPU, where the build runs in float32.
     llm_steps: int = 4000
     llm_batch: int = 32
     llm_lr: float = 5e-4
@@ -94,19 +94,19 @@ class BuildConfig:
 
 
 # The recipe of the assets shipped before 2026-11-26 evening (`build-assets --plain`): random
-# batches, eager, no multi-turn Q&A dialogues. Its LLM part took 3,369 s here; see the model card
-# for how the two LLMs compare.
+# batches, eager, no multi-turn Q&A dialogues, 5,000 LLM steps at 2e-3. Its LLM part took
+# 3,369 s here; see the model card for how the two LLMs compare.
 PLAIN = {"llm_steps": 5000, "llm_lr": 2e-3, "llm_bucket_pool": 1, "compile": False,
-         "llm_attention": "sdpa",
-         "vision_attention": "sdpa", "form_weights": (15, 20, 45, 20, 0, 0, 0),
-         "kind_weights": (30, 30, 15, 10, 15), "vision_words_weight": 0.0}
+         "llm_attention": "sdpa", "vision_attention": "sdpa",
+         "form_weights": (15, 20, 45, 20, 0, 0, 0), "kind_weights": (30, 30, 15, 10, 15),
+         "vision_words_weight": 0.0}
 
 # The recipe of the assets shipped from 2026-11-26 evening to 2026-11-27 (`build-assets
 # --previous`, 2,303 s here): fused attention, no slot-caption sequences, the registers 30/30/15/
-# 10/15, and the ViT + Q-Former without the words objective. Its LLM read exact slot vectors well
-# (5.5% failed descriptions) but its build took 38 minutes, and through the projection the demo
-# failed 11.5% of descriptions, with stage-1 caption recall 0.881 and position answers 24%
-# (README, "How the targets were reached").
+# 10/15, 5,000 LLM steps at 2e-3, and the ViT + Q-Former without the words objective. Its LLM
+# read exact slot vectors well (5.5% failed descriptions) but its build took 38 minutes, and
+# through the projection the demo failed 11.5% of descriptions, with stage-1 caption recall 0.881
+# and position answers 24% (docs/asset_history.md).
 PREVIOUS = {"llm_steps": 5000, "llm_lr": 2e-3, "llm_attention": "sdpa", "vision_attention": "sdpa",
             "form_weights": (15, 15, 40, 15, 15, 0, 0), "kind_weights": (30, 30, 15, 10, 15),
             "vision_words_weight": 0.0}
