@@ -382,6 +382,17 @@ def test_plain_forms_are_the_earlier_recipe():
     assert earlier == [new.choices(FORMS, weights=PLAIN["form_weights"])[0] for _ in range(500)]
 
 
+def test_older_recipes_shorter_form_weights_draw_as_before(tiny):
+    """Weights of a recipe older than a form (fewer of them) mean 0 for the forms added since: the
+    same draws as with the zeros written out; more weights than forms is a clear error."""
+    scenes = tw.make_scenes("heldout", 30)
+    old = llm_examples(tiny.tokenizer, scenes, random.Random(3), (0, 10, 10, 10, 70, 0))
+    new = llm_examples(tiny.tokenizer, scenes, random.Random(3), (0, 10, 10, 10, 70, 0, 0))
+    assert [e.ids for e, _ in old] == [e.ids for e, _ in new]
+    with pytest.raises(ValueError, match="form weights"):
+        llm_examples(tiny.tokenizer, scenes, random.Random(3), (1,) * (len(FORMS) + 1))
+
+
 def test_slot_caption_form_is_stage1_layout(tiny):
     """`slot_caption` shows the LLM the very sequence stage 1 trains on: [BOS] [slots] caption\n,
     every caption token supervised, the caption cleaned as stage 1's data is."""

@@ -153,7 +153,14 @@ def qa_dialogue(tokenizer, scene: Scene, rng: random.Random) -> Example:
 
 def llm_examples(tokenizer, scenes: list[Scene], rng: random.Random, form_weights=FORM_WEIGHTS,
                  kind_weights=KIND_WEIGHTS) -> list[tuple[Example, Scene | None]]:
-    """(token layout, scene or None) per scene; the scene is kept where slot vectors are used."""
+    """(token layout, scene or None) per scene; the scene is kept where slot vectors are used.
+
+    Forms are only ever added at the end of `FORMS`, so the weights of an older recipe (fewer of
+    them) mean weight 0 for the later forms, and draw exactly what they drew before.
+    """
+    if len(form_weights) > len(FORMS):
+        raise ValueError(f"{len(form_weights)} form weights for {len(FORMS)} forms {FORMS}")
+    form_weights = tuple(form_weights) + (0,) * (len(FORMS) - len(form_weights))
     items = []
     for scene in scenes:
         form = rng.choices(FORMS, weights=form_weights)[0]
