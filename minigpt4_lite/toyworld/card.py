@@ -98,29 +98,21 @@ def _pinned_note(b: dict) -> str:
             f"length {b['slot_word_norm']} (`slots.pin_slot_words`).")
 
 
-def _slot_caption_note(b: dict) -> str:
-    weights = b.get("form_weights", FORM_WEIGHTS)
-    i = FORMS.index("slot_caption")  # reports from before it existed have fewer weights
-    if len(weights) <= i or not weights[i]:
-        return ""
-    return ("\n  The sixth form is stage 1's own layout (`[BOS] [slots] caption\\n`, no prompt),"
-            " like BLIP-2's\n  second stage, which trained its Q-Former's outputs to be"
-            " captioned by a frozen LLM.")
+# what the card says about a pretraining form, where the build used it (weight > 0)
+FORM_NOTES = {
+    "slot_caption": "The sixth form is stage 1's own layout (`[BOS] [slots] caption\\n`, no"
+                    " prompt), like BLIP-2's second stage, which trained its Q-Former's outputs to be"
+                    " captioned by a frozen LLM.",
+    "drill": "The seventh form is a terse lookup in one fixed layout (`<Img>[slots]</Img> star:"
+             " red`, `language.lookup_drill`): where the question always sits in the same place,"
+             " a fresh LLM learns to find an object among the slots within a few hundred steps.",
+}
 
 
 def _form_notes(b: dict) -> str:
-    return _slot_caption_note(b) + _drill_note(b)
-
-
-def _drill_note(b: dict) -> str:
-    weights = b.get("form_weights", FORM_WEIGHTS)
-    i = FORMS.index("drill")  # reports from before it existed have fewer weights
-    if len(weights) <= i or not weights[i]:
-        return ""
-    return ("\n  The seventh form is a terse lookup in one fixed layout (`<Img>[slots]</Img> star:"
-            " red`,\n  `language.lookup_drill`): where the question always sits in the same"
-            " place, a fresh\n  LLM learns to find an object among the slots within a few"
-            " hundred steps.")
+    weights = b.get("form_weights", FORM_WEIGHTS)  # reports older than a form have fewer weights
+    return "".join(f"\n  {note}" for form, note in FORM_NOTES.items()
+                   if FORMS.index(form) < len(weights) and weights[FORMS.index(form)])
 
 
 def _scoring_note(llm: dict) -> str:
