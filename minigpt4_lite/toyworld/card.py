@@ -101,8 +101,8 @@ def _pinned_note(b: dict) -> str:
 # what the card says about a pretraining form, where the build used it (weight > 0)
 FORM_NOTES = {
     "slot_caption": "The sixth form is stage 1's own layout (`[BOS] [slots] caption\\n`, no"
-                    " prompt), like BLIP-2's second stage, which trained its Q-Former's outputs to be"
-                    " captioned by a frozen LLM.",
+                    " prompt), like BLIP-2's second stage, which trained its Q-Former's"
+                    " outputs to be captioned by a frozen LLM.",
     "drill": "The seventh form is a terse lookup in one fixed layout (`<Img>[slots]</Img> star:"
              " red`, `language.lookup_drill`): where the question always sits in the same place,"
              " a fresh LLM learns to find an object among the slots within a few hundred steps.",
