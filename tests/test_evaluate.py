@@ -107,7 +107,7 @@ def test_qa_items_cycle_kinds_and_ask_yes_and_no_equally():
         if kind == "count":
             assert key == tw.NUMBER_WORDS[len(scene.objects)]
         elif kind == "colour":
-            shape = question.rstrip("?.").split()[-1]
+            (shape,) = {w for w in re.findall(r"\w+", question) if w in tw.SHAPES}
             assert (key, shape) in scene.combos
         elif kind == "position":
             assert key in {tw.cell_phrase(o.cell) for o in scene.objects}
@@ -139,6 +139,8 @@ def test_heldout_questions_ask_the_same_things_in_wordings_no_training_text_uses
     texts += [q for s in train for q, _, _ in tw.qa_pairs(s, rng)]
     joined = "\n".join(texts)
     assert "color" not in joined.lower()  # the US spelling is never a training word
+    for word in ("located", "number", "size"):  # nor are these words of the held-out wordings
+        assert not re.search(rf"\b{word}\b", joined.lower()), word
     for pattern in patterns:
         assert not re.search(pattern, joined), pattern
     assert re.search(patterns[0], "What color is the red star?")  # the patterns can match

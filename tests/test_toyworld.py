@@ -21,6 +21,7 @@ from minigpt4_lite.toyworld import (
     IMAGE_SIZE,
     NUMBER_WORDS,
     SHAPES,
+    SIZES,
     Obj,
     Scene,
     caption,
@@ -188,33 +189,51 @@ def test_detailed_description_facts():
             assert RELATIONS[rel](rx - ry, cx - cy), text
 
 
+def _named_object(question: str, scene: Scene) -> Obj:
+    """The object a question names: by colour and shape, or by a shape that occurs once."""
+    words = re.findall(r"\w+", question)
+    pairs = mentioned_objects(question)
+    if pairs:
+        (pair,) = pairs
+        return next(o for o in scene.objects if (o.colour, o.shape) == pair)
+    (shape,) = {w for w in words if w in SHAPES}
+    (obj,) = [o for o in scene.objects if o.shape == shape]  # asked only where it is unique
+    return obj
+
+
 def test_qa_pairs_correct():
+    """Every answer is true of the scene, whatever the wording of its question."""
     rng = random.Random(3)
+    cells = {cell_phrase(c): c for c in range(GRID * GRID)}
     for scene in SCENES:
         qa = qa_pairs(scene, rng)
-        by_name = {o.name: o for o in scene.objects}
         shapes = [o.shape for o in scene.objects]
         kinds = set()
         for q, a, key in qa:
             assert has_word(a, key), (q, a, key)
             assert q.endswith(("?", ".")) and a.endswith(".")
-            if "colour" in q:
-                shape = q.rstrip("?.").split()[-1]
-                assert shapes.count(shape) == 1
-                assert key == next(o.colour for o in scene.objects if o.shape == shape)
-                kinds.add("colour")
-            elif q.startswith(("How many", "Count")):
-                assert key == NUMBER_WORDS[len(scene.objects)]
-                kinds.add("count")
-            elif q.startswith(("Where", "In which part")):
-                name = re.search(r"the (\w+ \w+)\?", q).group(1)
-                assert key == cell_phrase(by_name[name].cell)
-                kinds.add("position")
-            elif key in ("yes", "no"):
+            if key in ("yes", "no"):
                 (pair,) = mentioned_objects(q)
                 assert (pair in truth(scene)) == (key == "yes")
                 assert pair not in HELDOUT_COMBOS
                 kinds.add(key)
+            elif key in COLOURS:
+                assert key == _named_object(q, scene).colour, q
+                kinds.add("colour")
+            elif key in NUMBER_WORDS:
+                assert key == NUMBER_WORDS[len(scene.objects)]
+                kinds.add("count")
+            elif key in cells:
+                assert cells[key] == _named_object(q, scene).cell, q
+                kinds.add("position")
+            elif key in SIZES:
+                assert key == _named_object(q, scene).size, q
+            else:  # a shape: of the object at a cell, or of the only small / large object
+                cell = next((c for p, c in sorted(cells.items(), key=lambda i: -len(i[0]))
+                             if f"the {p}" in q), None)
+                obj = (scene.cells[cell] if cell is not None else
+                       next(o for o in scene.objects if f" {o.size} " in f" {q[:-1]} "))
+                assert key == obj.shape, q
         assert {"count", "position", "yes", "no"} <= kinds
         if any(shapes.count(s) == 1 for s in shapes):
             assert "colour" in kinds
