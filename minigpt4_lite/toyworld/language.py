@@ -133,9 +133,9 @@ def detailed_description(scene: Scene, rng: random.Random) -> str:
 # "located", "number" and "size"). `{s}` a shape, `{t}` a colour + shape, `{p}` a cell, `{n}`
 # "object" or "shape", `{z}` a size. A position or size wording with `{s}` names the object by
 # its shape alone, asked only where that shape occurs once (else the kind's last wording, a `{t}`
-# one). Why so many training wordings: with three or four per kind the tiny LLM answered
-# held-out wordings 25-30 points worse than trained ones (docs/asset_history.md); the variety,
-# and naming objects by shape alone for every attribute, is what a lookup by shape is learned from.
+# one). Why so many training wordings: with three or four per kind the demo answered held-out
+# wordings 25-30 points worse than trained ones, with these 12-15 points (docs/asset_history.md,
+# "More question wordings"); the lookup by shape alone stayed as weak as before.
 QUESTIONS = {
     "colour": ("What colour is the {s}?", "Which colour is the {s}?",
                "What is the colour of the {s}?", "Tell me the colour of the {s}.",
