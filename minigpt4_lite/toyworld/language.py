@@ -184,6 +184,13 @@ def _pick(options: Sequence[str], rng: random.Random) -> str:
     return options[int(rng.random() * len(options))]
 
 
+def _pick_naming(options: Sequence[str], rng: random.Random, shape_is_unique: bool) -> str:
+    """`_pick`, but a wording that names the object by its shape alone (`{s}`) only where that
+    shape is one object; elsewhere the kind's last wording, which names colour and shape."""
+    q = _pick(options, rng)
+    return q if "{s}" not in q or shape_is_unique else options[-1]
+
+
 def qa_pairs(scene: Scene, rng: random.Random, *,
              avoid_combos: Collection[tuple[str, str]] = HELDOUT_COMBOS,
              questions: dict[str, tuple[str, ...]] = QUESTIONS) -> list[tuple[str, str, str]]:
@@ -214,9 +221,7 @@ def qa_pairs(scene: Scene, rng: random.Random, *,
     qa.append((q, a, NUMBER_WORDS[n]))
     for o in objs:
         pos = cell_phrase(o.cell)
-        q = _pick(Q["position"], rng)
-        if "{s}" in q and not unique(o):  # named by shape alone only where that is one object
-            q = Q["position"][-1]
+        q = _pick_naming(Q["position"], rng, unique(o))
         a = rng.choice(["The {t} is in the {p}.", "It is in the {p}.",
                         "You can find it in the {p}."])
         qa.append((q.format(t=o.name, s=o.shape), a.format(t=o.name, p=pos), pos))
@@ -226,9 +231,7 @@ def qa_pairs(scene: Scene, rng: random.Random, *,
     qa.append((q.format(p=cell_phrase(o.cell)),
                a.format(t=_a(o.full_name), p=cell_phrase(o.cell)), o.shape))
     o = rng.choice(objs)
-    q = _pick(Q["size"], rng)
-    if "{s}" in q and not unique(o):
-        q = Q["size"][-1]
+    q = _pick_naming(Q["size"], rng, unique(o))
     a = rng.choice(["The {t} is {z}.", "It is {z}."])
     qa.append((q.format(t=o.name, s=o.shape), a.format(t=o.name, z=o.size), o.size))
     ask = _pick(Q["existence"], rng)
