@@ -379,7 +379,8 @@ def test_plain_forms_are_the_earlier_recipe():
     old, new = random.Random(5), random.Random(5)
     earlier = [old.choices(("caption", "words", "slots", "chat"), weights=(15, 20, 45, 20))[0]
                for _ in range(500)]
-    assert earlier == [new.choices(FORMS, weights=PLAIN["form_weights"])[0] for _ in range(500)]
+    weights = PLAIN["form_weights"] + (0,) * (len(FORMS) - len(PLAIN["form_weights"]))
+    assert earlier == [new.choices(FORMS, weights=weights)[0] for _ in range(500)]
 
 
 def test_older_recipes_shorter_form_weights_draw_as_before(tiny):
@@ -443,6 +444,43 @@ def test_drill_form_is_a_terse_true_lookup_with_the_value_supervised(tiny):
     assert kinds == {"colour", "cell", "size"}
 
 
+def test_colour_chat_asks_only_true_colours_of_objects_named_by_shape(tiny):
+    """`colour_chat`: a chat of colour questions alone, each naming an object by its shape (one
+    of its kind in the scene), every answer its true colour; a scene without such an object
+    gets the ordinary chat of every kind instead."""
+    tok = tiny.tokenizer
+    only = tuple(int(f == "colour_chat") for f in FORMS)
+    scenes = tw.make_scenes("heldout", 60)
+    fallback = 0
+    for (example, kept), scene in zip(llm_examples(tok, scenes, random.Random(0), only), scenes):
+        assert kept is scene
+        text = tok.decode([t for t in example.ids if t >= 0], skip_special_tokens=False)
+        turns = re.findall(r"###Human: (?:<Img></Img> )?(.*?)###Assistant: (.*?)(?=###)", text)
+        unique = [o for o in scene.objects
+                  if sum(p.shape == o.shape for p in scene.objects) == 1]
+        if not unique:
+            fallback += 1
+            continue
+        assert 1 <= len(turns) <= len(unique)
+        for question, answer in turns:
+            (obj,) = [o for o in unique if f" {o.shape}" in question]
+            assert "colour" in question and answer.endswith(f" {obj.colour}.")
+            assert not any(c in answer for c in tw.COLOURS if c != obj.colour)
+    assert fallback < len(scenes) // 4
+
+
+def test_lookup_phase_draws_its_own_forms_first():
+    """The first `lookup_steps` (scaled by `steps_scale`) draw from `lookup_form_weights`, every
+    later step from `form_weights`; `lookup_steps=0` (the recipes before it) never does."""
+    cfg = BuildConfig(lookup_steps=800)
+    assert cfg.form_weights_at(0) == cfg.form_weights_at(799) == cfg.lookup_form_weights
+    assert cfg.form_weights_at(800) == cfg.form_weights
+    assert set(cfg.lookup_form_weights) != {0} and len(cfg.lookup_form_weights) == len(FORMS)
+    half = BuildConfig(lookup_steps=800, steps_scale=0.5)
+    assert half.form_weights_at(399) != half.form_weights_at(400) == half.form_weights
+    assert BuildConfig(lookup_steps=0).form_weights_at(0) == BuildConfig().form_weights
+
+
 def test_build_stops_on_a_nan_loss_and_saves_nothing_of_that_part(tmp_path):
     """A diverging pretraining (seen once on a GPU) must not leave a NaN model in the assets."""
     cfg = BuildConfig(steps_scale=0.004, n_train_scenes=200, llm_lr=1e9, compile=False,
@@ -469,6 +507,27 @@ def test_pinned_slot_words_are_orthogonal_and_stay_fixed_in_pretraining(tiny):
     weight = llm.get_input_embeddings().weight.detach()
     torch.testing.assert_close(weight[ids], pin_slot_words(torch.nn.Embedding(*weight.shape),
                                                            encoder, 1.5, cfg.seed)[1])
+
+
+def test_pretraining_calls_on_step_after_each_step_and_stops_when_told(tiny, monkeypatch):
+    """`on_step(done, llm)` sees every step (the benchmarks measure there) and ends the run when
+    it returns True, the lookup phase's forms first and the whole mix after it."""
+    from minigpt4_lite.toyworld import build_llm
+
+    drawn, seen = [], []
+    real = build_llm.llm_examples
+
+    def spy(tokenizer, scenes, rng, form_weights, kind_weights):
+        drawn.append(tuple(form_weights))
+        return real(tokenizer, scenes, rng, form_weights, kind_weights)
+
+    cfg = BuildConfig(steps_scale=0.002, n_train_scenes=100, llm_batch=4, llm_bucket_pool=1,
+                      compile=False, llm_attention="sdpa", lookup_steps=1500)  # 3 of 8 steps
+    monkeypatch.setattr(build_llm, "llm_examples", spy)
+    build_llm.pretrain_llm(cfg, tiny.tokenizer, tw.make_scenes("train", 100),
+                           on_step=lambda done, llm: seen.append(done) or done == 5)
+    assert seen == [1, 2, 3, 4, 5]
+    assert drawn == [cfg.lookup_form_weights] * 3 + [cfg.form_weights] * 2
 
 
 def test_build_refuses_unknown_parts(tmp_path):

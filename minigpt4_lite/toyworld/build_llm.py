@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..evaluate import answer_correct, qa_items
+from ..evaluate import answer_correct, qa_items, qa_kind
 from ..model import insert_image_embeds
 from ..processing import clean_caption
 from ..prompts import (
@@ -63,6 +63,7 @@ from .world import Scene
 
 ADDED_TOKENS = ("###", "<Img>", "</Img>", "Human:", "Assistant:")
 QA_TURNS = (3, 6)  # questions per `qa_chat` dialogue
+LOOKUP_KINDS = ("colour",)  # the questions of a `colour_chat` dialogue
 
 
 # --- 1. tokenizer -------------------------------------------------------------------------------
@@ -127,16 +128,20 @@ def llm_example(scene: Scene, rng: random.Random, form: str, kind_weights=KIND_W
     return conv.prompt(), " " + answer, END_SYM[2], True
 
 
-def qa_dialogue(tokenizer, scene: Scene, rng: random.Random) -> Example:
+def qa_dialogue(tokenizer, scene: Scene, rng: random.Random, kinds: tuple[str, ...] = ()
+                ) -> Example:
     """A chat about one scene (as slot vectors): several questions, *every* answer supervised.
 
     One question per sequence gives the LLM a single answer word to learn from; a dialogue of
     3-6 questions about the same slots teaches it to look things up (which object is red, where
     the star is) several times per sequence, at little extra length. The later turns continue the
     chat's layout (`...###Human: q###Assistant: a###`): each is one more `build_example`, without
-    BOS, whose answer carries the loss, appended to the first.
+    BOS, whose answer carries the loss, appended to the first. `kinds`: only questions of these
+    kinds (`evaluate.qa_kind`), where the scene has any (`colour_chat`: `LOOKUP_KINDS`).
     """
     pairs = qa_pairs(scene, rng)
+    if kinds and any(qa_kind(key) in kinds for _, _, key in pairs):
+        pairs = [pair for pair in pairs if qa_kind(pair[2]) in kinds]
     rng.shuffle(pairs)
     pairs = pairs[:rng.randint(*QA_TURNS)]
     conv = CONV_VISION.copy()
@@ -164,8 +169,9 @@ def llm_examples(tokenizer, scenes: list[Scene], rng: random.Random, form_weight
     items = []
     for scene in scenes:
         form = rng.choices(FORMS, weights=form_weights)[0]
-        if form == "qa_chat":
-            items.append((qa_dialogue(tokenizer, scene, rng), scene))
+        if form in ("qa_chat", "colour_chat"):
+            kinds = LOOKUP_KINDS if form == "colour_chat" else ()
+            items.append((qa_dialogue(tokenizer, scene, rng, kinds), scene))
             continue
         prompt, answer, end_sym, uses_slots = llm_example(scene, rng, form, kind_weights)
         example = build_example(tokenizer, prompt, answer, n_image_tokens=N_SLOTS,
@@ -211,8 +217,12 @@ def fresh_llm(cfg: BuildConfig, tokenizer):
         tie_word_embeddings=False))
 
 
-def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
-    """Pretrain the tiny LLM on `llm_examples` drawn from `scenes`; returns it in eval mode."""
+def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None):
+    """Pretrain the tiny LLM on `llm_examples` drawn from `scenes`; returns it in eval mode.
+
+    `on_step(steps_done, llm)`, if given, runs after every step (the benchmarks measure the LLM
+    while it learns); it returns True to stop there.
+    """
     llm = fresh_llm(cfg, tokenizer).to(cfg.device)
     slots = SlotEncoder(tokenizer)
     emb = llm.get_input_embeddings()
@@ -230,6 +240,8 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
     bar = tqdm(range(total), desc="LLM (text only)")
     queue: list[list] = []
     for step in bar:
+        if step and step == cfg.lookup_phase():  # the lookup phase is over: the whole mix now
+            queue = []
         # the project's one schedule, MiniGPT-4's (`train.warmup_cosine`); builds before
         # 2026-11-29 ran their cosine over the steps after warmup (docs/asset_history.md)
         for group in opt.param_groups:
@@ -238,8 +250,9 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
         if not queue:  # draw the next `llm_bucket_pool` batches at once, bucketed by length
             pool = [scene for _ in range(cfg.llm_bucket_pool)
                     for scene in rng.sample(scenes, cfg.llm_batch)]
-            queue = bucketed(llm_examples(tokenizer, pool, rng, cfg.form_weights,
-                                          cfg.kind_weights), cfg.llm_batch, rng)
+            queue = bucketed(llm_examples(tokenizer, pool, rng, cfg.form_weights_at(step),
+                                          cfg.kind_weights),
+                             cfg.llm_batch, rng)
             per_batch = pool_tokens_per_batch(queue)
         items = queue.pop()
         batch = collate_with_slots(llm, tokenizer, slots, items, gen, cfg.slot_noise)
@@ -259,6 +272,8 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene]):
             with torch.no_grad():
                 emb.weight[pinned[0]] = pinned[1]
         bar.set_postfix(loss=f"{value:.3f}")
+        if on_step is not None and on_step(step + 1, llm):
+            break
     if undo is not None:
         undo()
     llm.set_attn_implementation("sdpa")  # the default for everyone who loads it later

@@ -106,7 +106,19 @@ FORM_NOTES = {
     "drill": "The seventh form is a terse lookup in one fixed layout (`<Img>[slots]</Img> star:"
              " red`, `language.lookup_drill`): where the question always sits in the same place,"
              " a fresh LLM learns to find an object among the slots within a few hundred steps.",
+    "colour_chat": "The eighth form is a chat of colour questions alone, each naming an object"
+                   " by its shape (`build_llm.qa_dialogue`).",
 }
+
+
+def _lookup_note(b: dict) -> str:
+    """The lookup phase (`BuildConfig.lookup_steps`), where the build had one."""
+    if not b.get("lookup_steps"):
+        return ""
+    weights = ", ".join(map(str, b["lookup_form_weights"]))
+    return (f"\n  The first {b['lookup_steps']} steps drew their forms with the shares {weights}"
+            " instead (terse lookups and colour chats): a fresh LLM learns to find an object by"
+            " its shape alone in a few hundred such steps, which the whole mix never taught it.")
 
 
 def _form_notes(b: dict) -> str:
@@ -228,6 +240,7 @@ def render_model_card(folder: str | Path, report: dict | None = None) -> str:
     vq_params = safetensors_params(folder / "vision_qformer" / "model.safetensors")
     llm_prec, vision_prec = _precision(report, "llm"), _precision(report, "vision")
     n_queries = vq_cfg["num_query_tokens"]
+    form_notes = _form_notes(b) + _lookup_note(b)
     time_note = (_recorded(report.get("time_note"), "Note recorded with this build")
                  + _schedule_note(report))
     plain_note = _recorded(report.get("plain_note"), "Recorded by hand when this LLM replaced "
@@ -257,10 +270,10 @@ Everything here is loaded by `preset("tiny")` offline. This card is rendered fro
   ({b['slot_noise']} x the embedding std).{_pinned_note(b)} Shares of the forms (caption text,
   scene in words, slot vectors in the stage-2 template, in the chat template, multi-turn Q&A
   chats with every answer supervised, slot vectors followed directly by a caption, terse
-  lookups):
+  lookups, chats of colour questions):
   {', '.join(map(str, b.get('form_weights', FORM_WEIGHTS)))}. Shares of the registers (detailed
   description, Q&A, poem, story, caption) where a form draws one:
-  {', '.join(map(str, b.get('kind_weights', PLAIN['kind_weights'])))}.{_form_notes(b)}
+  {', '.join(map(str, b.get('kind_weights', PLAIN['kind_weights'])))}.{form_notes}
 - *Why the slot vectors (commentary; the prototype's figure is recorded, not re-measured):*
   {PROTOTYPE_NOTE} Scale buys this skill for free; at {llm_params / 1e6:.1f} M parameters it
   must be taught.

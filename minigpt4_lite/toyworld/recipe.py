@@ -26,7 +26,7 @@ from ..errors import TrainingError
 # LLM builds (docs/asset_history.md): 10% `slot_caption` sequences (stage
 # 1's own layout) make stage 1's alignment reliable, and detailed descriptions as 45% of the
 # registers (instead of 30%) gave the LLM that describes scenes best from exact slot vectors.
-FORMS = ("caption", "words", "slots", "chat", "qa_chat", "slot_caption", "drill")
+FORMS = ("caption", "words", "slots", "chat", "qa_chat", "slot_caption", "drill", "colour_chat")
 FORM_WEIGHTS = (5, 15, 40, 15, 15, 10, 0)
 KIND_WEIGHTS = (45, 20, 10, 10, 15)
 
@@ -80,6 +80,12 @@ class BuildConfig:
     # shares of the pretraining forms, in the order of `FORMS` (caption, words, slots, chat,
     # qa_chat, slot_caption, drill); a list in JSON reports
     form_weights: tuple[int, ...] = FORM_WEIGHTS
+    # The first `lookup_steps` LLM steps draw their forms from `lookup_form_weights` instead: by
+    # default half terse lookups (`drill`) and half chats of colour questions (`colour_chat`),
+    # the two layouts in which a fresh LLM learned to find an object by its shape alone within a
+    # few hundred steps, where the whole mix never taught it (docs/asset_history.md).
+    lookup_steps: int = 0
+    lookup_form_weights: tuple[int, ...] = (0, 0, 0, 0, 0, 0, 50, 50)
     # shares of the registers where a form draws one (`TASK_KINDS`: detailed, qa, poem, story,
     # caption; the `qa_chat` dialogues are all Q&A)
     kind_weights: tuple[int, ...] = KIND_WEIGHTS
@@ -91,6 +97,14 @@ class BuildConfig:
 
     def steps(self, n: int) -> int:
         return max(2, int(round(n * self.steps_scale)))
+
+    def lookup_phase(self) -> int:
+        """How many of the LLM's first steps are the lookup phase (scaled like every step count)."""
+        return self.steps(self.lookup_steps) if self.lookup_steps else 0
+
+    def form_weights_at(self, step: int) -> tuple[int, ...]:
+        """The form weights the LLM's pretraining draws from at `step` (the lookup phase first)."""
+        return self.lookup_form_weights if step < self.lookup_phase() else self.form_weights
 
 
 # The recipe of the assets shipped before 2026-11-26 evening (`build-assets --plain`): random
