@@ -138,14 +138,9 @@ def test_heldout_questions_ask_the_same_things_in_wordings_no_training_text_uses
               llm_examples(tok, train, rng, form_weights=(0, 10, 10, 10, 70, 0))]
     texts += [q for s in train for q, _, _ in tw.qa_pairs(s, rng)]
     joined = "\n".join(texts)
-    # the words of the held-out wordings are read in statements only, never in a question
-    questions = [q for s in train for q, _, _ in tw.qa_pairs(s, rng)]
-    questions += [m for t in texts for m in re.findall(r"[^.?!:#]*\?", t)]
-    questions += [*tw.DETAILED_INSTRUCTIONS, *tw.POEM_INSTRUCTIONS, *tw.STORY_INSTRUCTIONS,
-                  *tw.CAPTION_INSTRUCTIONS]
-    for word in ("color", "located", "number", "size"):
-        assert re.search(rf"\b{word}\b", joined.lower()), word  # in statements
-        assert not any(re.search(rf"\b{word}\b", q.lower()) for q in questions), word
+    assert "color" not in joined.lower()  # the US spelling is never a training word
+    for word in ("located", "number", "size"):  # nor are these words of the held-out wordings
+        assert not re.search(rf"\b{word}\b", joined.lower()), word
     for pattern in patterns:
         assert not re.search(pattern, joined), pattern
     assert re.search(patterns[0], "What color is the red star?")  # the patterns can match

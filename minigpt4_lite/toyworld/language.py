@@ -91,18 +91,10 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 
 _COUNT_SENTENCES = ("There {be} {count} in this image.", "The picture shows {count}.",
-                    "I can see {count} in total.", "This scene contains {count}.",
-                    "The number of {noun}s is {number}.")
+                    "I can see {count} in total.", "This scene contains {count}.")
 _PLACE_CLAUSES = ("{a_thing} is in the {pos}", "in the {pos} there is {a_thing}",
                   "the {pos} holds {a_thing}", "{a_thing} sits in the {pos}",
-                  "you can see {a_thing} in the {pos}", "{a_thing} is located in the {pos}")
-# One more fact about one object, in half the descriptions. These sentences are where the words
-# of the held-out question wordings ("color", "size", "located", "number" above) occur in training
-# text: in statements, as an LLM pretrained on the web has read them, never in a question.
-_COLOUR_SENTENCES = ("The colour of the {s} is {c}.", "The color of the {s} is {c}.",
-                     "The {s} is {c} in color.")
-_FACT_SENTENCES = ("The {x} is {z} in size.", "The size of the {x} is {z}.",
-                   "The {x} is located in the {p}.")
+                  "you can see {a_thing} in the {pos}")
 _RELATION_SENTENCES = ("The {x} is {rel} the {y}.", "Note that the {x} is {rel} the {y}.",
                        "Looking closer, the {x} is {rel} the {y}.")
 _BACKGROUND_SENTENCES = ("The background is {bg}.", "Everything sits on a {bg} background.",
@@ -118,8 +110,8 @@ def detailed_description(scene: Scene, rng: random.Random) -> str:
     """
     objs, n = list(scene.objects), len(scene.objects)
     noun = rng.choice(["object", "shape"])
-    sentences = [rng.choice(_COUNT_SENTENCES).format(
-        be="is" if n == 1 else "are", count=_count(n, noun), noun=noun, number=NUMBER_WORDS[n])]
+    sentences = [rng.choice(_COUNT_SENTENCES).format(be="is" if n == 1 else "are",
+                                                     count=_count(n, noun))]
     clauses = [rng.choice(_PLACE_CLAUSES).format(a_thing=_a(o.full_name), pos=cell_phrase(o.cell))
                for o in objs]
     # Four one-clause sentences would make seven in all, so pair clauses up then (or by chance).
@@ -129,32 +121,21 @@ def detailed_description(scene: Scene, rng: random.Random) -> str:
         x, y = rng.sample(objs, 2)
         sentences.append(rng.choice(_RELATION_SENTENCES).format(
             x=x.name, y=y.name, rel=_relation(x, y, rng)))
-    if rng.random() < 0.5:
-        sentences.append(_fact(rng.choice(objs), objs, rng))
     bg = BACKGROUND_WORDS[scene.background]
     sentences.append(rng.choice(_BACKGROUND_SENTENCES).format(bg=bg))
     return " ".join(sentences)
 
 
-def _fact(o: Obj, objs: Sequence[Obj], rng: random.Random) -> str:
-    """A sentence of `_COLOUR_SENTENCES` (where `o`'s shape names it alone) or `_FACT_SENTENCES`."""
-    unique = sum(p.shape == o.shape for p in objs) == 1
-    template = rng.choice(_COLOUR_SENTENCES + _FACT_SENTENCES if unique else _FACT_SENTENCES)
-    return template.format(s=o.shape, c=o.colour, x=o.name, z=o.size, p=cell_phrase(o.cell))
-
-
 # The question wordings of each kind. `QUESTIONS` are the phrasings of every training text (the
 # LLM's pretraining, stage 2, the tokenizer's corpus); `HELDOUT_QUESTIONS` are never in any
 # training text: they test whether a model answers the question or only recognises its wording
-# (other verbs and word orders, words no training question uses, such as the US spelling
-# "color", "located", "number" and "size": the LLM reads these only in statements of the
-# detailed descriptions, as Vicuna read them on the web, never in a question). `{s}` a shape,
-# `{t}` a colour + shape, `{p}` a cell, `{n}` "object" or "shape", `{z}` a size. A position or
-# size wording with `{s}` names the object by its shape alone, asked only where that shape
-# occurs once (else the kind's last wording, a `{t}` one). Why so many training wordings: with
-# three or four per kind the demo answered held-out wordings 25-30 points worse than trained
-# ones, with these 12-15 points (docs/asset_history.md, "More question wordings"); the lookup by
-# shape alone stayed as weak as before.
+# (other verbs and word orders, words no training text uses, such as the US spelling "color",
+# "located", "number" and "size"). `{s}` a shape, `{t}` a colour + shape, `{p}` a cell, `{n}`
+# "object" or "shape", `{z}` a size. A position or size wording with `{s}` names the object by
+# its shape alone, asked only where that shape occurs once (else the kind's last wording, a `{t}`
+# one). Why so many training wordings: with three or four per kind the demo answered held-out
+# wordings 25-30 points worse than trained ones, with these 12-15 points (docs/asset_history.md,
+# "More question wordings"); the lookup by shape alone stayed as weak as before.
 QUESTIONS = {
     "colour": ("What colour is the {s}?", "Which colour is the {s}?",
                "What is the colour of the {s}?", "Tell me the colour of the {s}.",
