@@ -245,6 +245,19 @@ def test_model_card_figures_come_from_the_report_configs_and_files(tmp_path):
         assert old not in card, old
 
 
+def test_model_card_states_a_lookup_phase_only_where_the_build_had_one(tmp_path):
+    folder = tmp_path / "assets"
+    shutil.copytree(ASSETS, folder)
+    assert "drew their forms with the shares" not in " ".join(render_model_card(folder).split())
+    report = json.loads((folder / "build_report.json").read_text())
+    report["build_config"].update(lookup_steps=800, form_weights=[5, 15, 40, 15, 15, 10, 5, 10],
+                                  lookup_form_weights=[0, 0, 0, 0, 0, 0, 50, 50])
+    (folder / "build_report.json").write_text(json.dumps(report))
+    card = " ".join(render_model_card(folder).split())
+    assert "The first 800 steps drew their forms with the shares 0, 0, 0, 0, 0, 0, 50, 50" in card
+    assert "The eighth form is a chat of colour questions alone" in card
+
+
 def test_model_card_marks_what_the_build_does_not_measure():
     bullets = " ".join((ASSETS / "README.md").read_text().split()).split(" - ")
     for figure in ("R^2 0.93", "0.02-0.07"):  # figures of earlier builds and of a prototype

@@ -270,7 +270,7 @@ Everything here is loaded by `preset("tiny")` offline. This card is rendered fro
   ({b['slot_noise']} x the embedding std).{_pinned_note(b)} Shares of the forms (caption text,
   scene in words, slot vectors in the stage-2 template, in the chat template, multi-turn Q&A
   chats with every answer supervised, slot vectors followed directly by a caption, terse
-  lookups, chats of colour questions):
+  lookups):
   {', '.join(map(str, b.get('form_weights', FORM_WEIGHTS)))}. Shares of the registers (detailed
   description, Q&A, poem, story, caption) where a form draws one:
   {', '.join(map(str, b.get('kind_weights', PLAIN['kind_weights'])))}.{form_notes}

@@ -83,7 +83,9 @@ class BuildConfig:
     # The first `lookup_steps` LLM steps draw their forms from `lookup_form_weights` instead: by
     # default half terse lookups (`drill`) and half chats of colour questions (`colour_chat`),
     # the two layouts in which a fresh LLM learned to find an object by its shape alone within a
-    # few hundred steps, where the whole mix never taught it (docs/asset_history.md).
+    # few hundred steps, where the whole mix never taught it. Measured (docs/asset_history.md, "A
+    # lookup phase first"): 800 such steps teach it, and the whole mix after them took it away
+    # again on seed 0 (kept on seed 1, at the cost of existence questions); off (0) by default.
     lookup_steps: int = 0
     lookup_form_weights: tuple[int, ...] = (0, 0, 0, 0, 0, 0, 50, 50)
     # shares of the registers where a form draws one (`TASK_KINDS`: detailed, qa, poem, story,
