@@ -297,6 +297,9 @@ def test_default_build_config_is_the_shipped_recipe():
         assert ours.pop("precision") == "auto"
     if "slot_word_norm" not in shipped:  # built before the setting existed: trained slot words
         assert ours.pop("slot_word_norm") == 0.0
+    if "lookup_steps" not in shipped:  # built before the setting existed: no lookup phase
+        assert ours.pop("lookup_steps") == 0
+        ours.pop("lookup_form_weights")  # unused without a lookup phase
     assert ours == shipped
 
 
