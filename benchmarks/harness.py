@@ -162,6 +162,14 @@ def write_section(path: Path, name: str, body: str, data: dict | None = None) ->
     os.replace(tmp, path)
 
 
+def publish(args: argparse.Namespace, name: str, body: str) -> None:
+    """Print a section and, unless `--no-write`, write it into `--output` (`write_section`)."""
+    print(body)
+    if not args.no_write:
+        write_section(Path(args.output), name, body)
+        print(f"updated {args.output}")
+
+
 def store_run(path: Path, name: str, key: str, run: dict, render_fn) -> None:
     """Keep `run` as the `key` entry of a section that holds several runs, and redraw it."""
     runs = read_section_data(path, name)

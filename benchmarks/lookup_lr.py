@@ -25,7 +25,6 @@ import argparse
 import random
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import harness
 import torch
@@ -141,10 +140,7 @@ object's colour would score {chance(held):.1%}.
 {table(results, args.every)}
 
 {harness.footer("lookup_lr.py", argv, seconds)}"""
-    print(body)
-    if not args.no_write:
-        harness.write_section(Path(args.output), NAME, body)
-        print(f"updated {args.output}")
+    harness.publish(args, NAME, body)
 
 
 if __name__ == "__main__":

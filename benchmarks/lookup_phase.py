@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import harness
 import torch
@@ -133,10 +132,7 @@ chat per question, exact slot vectors, strict scoring, on held-out scenes with 3
 {table(results, args.every)}
 
 {harness.footer("lookup_phase.py", argv, seconds)}"""
-    print(body)
-    if not args.no_write:
-        harness.write_section(Path(args.output), NAME, body)
-        print(f"updated {args.output}")
+    harness.publish(args, NAME, body)
 
 
 if __name__ == "__main__":

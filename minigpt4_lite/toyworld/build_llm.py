@@ -250,9 +250,9 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None)
         if not queue:  # draw the next `llm_bucket_pool` batches at once, bucketed by length
             pool = [scene for _ in range(cfg.llm_bucket_pool)
                     for scene in rng.sample(scenes, cfg.llm_batch)]
-            queue = bucketed(llm_examples(tokenizer, pool, rng, cfg.form_weights_at(step),
-                                          cfg.kind_weights),
-                             cfg.llm_batch, rng)
+            drawn = llm_examples(tokenizer, pool, rng, cfg.form_weights_at(step),
+                                 cfg.kind_weights)
+            queue = bucketed(drawn, cfg.llm_batch, rng)
             per_batch = pool_tokens_per_batch(queue)
         items = queue.pop()
         batch = collate_with_slots(llm, tokenizer, slots, items, gen, cfg.slot_noise)
