@@ -239,6 +239,26 @@ def test_qa_pairs_correct():
             assert "colour" in kinds
 
 
+def test_existence_answers_say_what_the_picture_holds_then_yes_or_no():
+    """The colours an existence answer names are those of the asked shape in the scene, and its
+    verdict, the last word, is the key; strict scoring reads the same verdict."""
+    from minigpt4_lite.evaluate import answer_correct
+
+    rng = random.Random(8)
+    seen = set()
+    for scene in SCENES[:200]:
+        for q, a, key in qa_pairs(scene, rng):
+            if key not in ("yes", "no"):
+                continue
+            (colour, shape), = mentioned_objects(q)
+            truth_colours = sorted(o.colour for o in scene.objects if o.shape == shape)
+            named = [w for w in a.rstrip(".").replace(",", "").split() if w in COLOURS]
+            assert sorted(named) == truth_colours, (q, a)
+            assert a.rstrip(".").split()[-1] == key and answer_correct(a, key), (q, a)
+            seen.add((key, len(truth_colours) if truth_colours else 0))
+    assert {("yes", 1), ("no", 1), ("no", 0)} <= seen  # near misses and absent shapes both asked
+
+
 def test_poem_and_story_shape():
     rng = random.Random(4)
     for scene in SCENES[:100]:

@@ -234,18 +234,16 @@ def qa_pairs(scene: Scene, rng: random.Random, *,
     q = _pick_naming(Q["size"], rng, unique(o))
     a = rng.choice(["The {t} is {z}.", "It is {z}."])
     qa.append((q.format(t=o.name, s=o.shape), a.format(t=o.name, z=o.size), o.size))
-    ask = _pick(Q["existence"], rng)
     o = rng.choice(objs)
-    a = rng.choice(["Yes, there is {t}.", "Yes, I can see {t}.", "Yes, {t} is in the {p}."])
-    qa.append((ask.format(t=_a(o.name)), a.format(t=_a(o.name), p=cell_phrase(o.cell)), "yes"))
+    qa.append((_pick(Q["existence"], rng).format(t=_a(o.name)),
+               existence_answer(scene, o.colour, o.shape, rng), "yes"))
     present, avoid = scene.combos, set(avoid_combos)
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present | avoid]
     # Half the time ask a near miss (right colour or right shape, wrong pairing): harder to guess.
     near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
     c, s = rng.choice(near if near and rng.random() < 0.5 else absent)
-    ask = _pick(Q["existence"], rng)
-    a = rng.choice(["No, there is no {cs}.", "No, I cannot see {t}.", "No, there is no {cs} here."])
-    qa.append((ask.format(t=_a(f"{c} {s}")), a.format(t=_a(f"{c} {s}"), cs=f"{c} {s}"), "no"))
+    qa.append((_pick(Q["existence"], rng).format(t=_a(f"{c} {s}")),
+               existence_answer(scene, c, s, rng), "no"))
     # the object found by its size: asked only where exactly one object has that size
     for size in SIZES:
         sized = [o for o in objs if o.size == size]
@@ -254,6 +252,26 @@ def qa_pairs(scene: Scene, rng: random.Random, *,
             a = rng.choice(["It is {t}.", "The {z} object is {t}."])
             qa.append((q, a.format(t=_a(sized[0].name), z=size), sized[0].shape))
     return qa
+
+
+def existence_answer(scene: Scene, colour: str, shape: str, rng: random.Random) -> str:
+    """The answer to "Is there a <colour> <shape>?": first what the picture holds, then yes or no.
+
+    "The star is blue, so no." / "The stars are red and blue, so yes." / "There is no star, so
+    no." Why the look first: a yes or no said at once has to find the shape *and* compare its
+    colour in one step, and a tiny LLM learned to find the shape and answer "yes" to a near miss
+    (a blue star asked as a red one). Said first, the colour is the colour question's own lookup
+    ("The star is blue."), and the yes or no compares two words already written.
+    """
+    colours = [o.colour for o in _shuffled(scene, rng) if o.shape == shape]
+    verdict = "yes" if colour in colours else "no"
+    if not colours:
+        return rng.choice([f"There is no {shape}, so no.",
+                           f"There is no {shape} in the picture, so no."])
+    if len(colours) == 1:
+        return rng.choice([f"The {shape} is {colours[0]}, so {verdict}.",
+                           f"The {shape} in the picture is {colours[0]}, so {verdict}."])
+    return f"The {shape}s are {_join(colours)}, so {verdict}."
 
 
 def lookup_drill(scene: Scene, rng: random.Random) -> tuple[str, str]:
