@@ -255,7 +255,8 @@ def cmd_build_assets(args) -> int:
     if args.card_only:  # re-render the model card from the files, e.g. after retraining
         print(f"model card written to {write_model_card(args.out)}")
         return 0
-    cfg = BuildConfig(device=args.device, steps_scale=args.steps_scale, seed=args.seed,
+    seeds = {} if args.llm_seed is None else {"llm_seed": args.llm_seed}
+    cfg = BuildConfig(device=args.device, steps_scale=args.steps_scale, seed=args.seed, **seeds,
                       **(PLAIN if args.plain else PREVIOUS if args.previous else {}))
     report = build(args.out, cfg, parts=tuple(args.parts.split(",")))
     print(json.dumps({k: v for k, v in report.items() if k != "sha256"}, indent=2))
@@ -394,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="scale every step count (small values: a quick miniature build)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llm-seed", type=int, default=None,
+                   help="the LLM part's own seed (default: the recipe's, `BuildConfig.llm_seed`)")
     p.add_argument("--parts", default="llm,vision",
                    help="what to rebuild: llm, vision or both (the rest is read from --out)")
     p.add_argument("--card-only", action="store_true",

@@ -248,14 +248,38 @@ def test_model_card_figures_come_from_the_report_configs_and_files(tmp_path):
 def test_model_card_states_a_lookup_phase_only_where_the_build_had_one(tmp_path):
     folder = tmp_path / "assets"
     shutil.copytree(ASSETS, folder)
-    assert "drew their forms with the shares" not in " ".join(render_model_card(folder).split())
     report = json.loads((folder / "build_report.json").read_text())
-    report["build_config"].update(lookup_steps=800, form_weights=[5, 15, 40, 15, 15, 10, 5, 10],
-                                  lookup_form_weights=[0, 0, 0, 0, 0, 0, 50, 50])
-    (folder / "build_report.json").write_text(json.dumps(report))
-    card = " ".join(render_model_card(folder).split())
+
+    def card_of(**config) -> str:
+        report["build_config"].update(config)
+        (folder / "build_report.json").write_text(json.dumps(report))
+        return " ".join(render_model_card(folder).split())
+
+    assert "drew their forms with the shares" not in card_of(lookup_steps=0)
+    card = card_of(lookup_steps=800, form_weights=[5, 15, 40, 15, 15, 10, 5, 10],
+                   lookup_form_weights=[0, 0, 0, 0, 0, 0, 50, 50])
     assert "The first 800 steps drew their forms with the shares 0, 0, 0, 0, 0, 0, 50, 50" in card
     assert "The eighth form is a chat of colour questions alone" in card
+
+
+def test_model_card_states_the_llm_seed_and_the_existence_answers_of_its_build(tmp_path):
+    folder = tmp_path / "assets"
+    shutil.copytree(ASSETS, folder)
+    report = json.loads((folder / "build_report.json").read_text())
+
+    def card_of(llm_seed, existence) -> str:
+        report["build_config"].update(seed=0, llm_seed=llm_seed)
+        report.pop("existence_answers", None)
+        report.update({"existence_answers": existence} if existence else {})
+        (folder / "build_report.json").write_text(json.dumps(report))
+        return " ".join(render_model_card(folder).split())
+
+    old = card_of(None, None)  # a report from before both settings
+    assert "deterministic for seed 0;" in old and "by looking first" not in old
+    assert "deterministic for seed 0;" in card_of(0, None)
+    new = card_of(1, "look first")
+    assert "deterministic for seed 0 (the LLM: `llm_seed` 1);" in new
+    assert '"Is there a red star?" -> "The star is blue, so no."' in new
 
 
 def test_model_card_marks_what_the_build_does_not_measure():
@@ -601,3 +625,21 @@ def test_explicit_attention_path_gives_the_fused_path_features():
     torch.testing.assert_close(tokens, vit(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(queries, qformer(vit(x)), rtol=1e-4, atol=1e-5)
     assert len(maps) == TINY_VISION.layers and q_maps["cross"]
+
+
+def test_the_llm_part_of_the_build_is_seeded_by_llm_seed():
+    """`llm_seed` seeds the LLM apart from the scenes and the ViT + Q-Former (None: `seed`)."""
+    from transformers import AutoTokenizer
+
+    from minigpt4_lite.toyworld.build_llm import fresh_llm
+
+    assert BuildConfig(seed=3, llm_seed=None).seed_of_llm() == 3
+    assert BuildConfig(seed=3, llm_seed=1).seed_of_llm() == 1
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "llm")
+    shape = dict(llm_hidden=16, llm_layers=1, llm_heads=2, llm_mlp=32)
+
+    def weights(**seeds):
+        return fresh_llm(BuildConfig(**shape, **seeds), tokenizer).get_input_embeddings().weight
+
+    assert torch.equal(weights(seed=0, llm_seed=5), weights(seed=5, llm_seed=None))
+    assert not torch.equal(weights(seed=0, llm_seed=5), weights(seed=5, llm_seed=0))

@@ -123,18 +123,21 @@ def build(out: str | Path, cfg: BuildConfig | None = None,
         save_samples(out / "samples")
     if "llm" in parts:
         t1 = time.time()
-        tokenizer = build_tokenizer(corpus(train[:4000], random.Random(cfg.seed)),
+        tokenizer = build_tokenizer(corpus(train[:4000], random.Random(cfg.seed_of_llm())),
                                     cfg.vocab_size)
         tokenizer.save_pretrained(out / "llm")
         llm = pretrain_llm(cfg, tokenizer, train)
         llm.save_pretrained(out / "llm")
         seconds["llm"] = round(time.time() - t1, 1)
+        # how the language this LLM read answers existence questions (`language.existence_answer`;
+        # reports without it: a direct "Yes, ..." / "No, ...")
+        report["existence_answers"] = "look first"
     else:
         tokenizer = AutoTokenizer.from_pretrained(out / "llm")
         llm = LlamaForCausalLM.from_pretrained(out / "llm").eval()
     if "llm" in parts or "llm" not in report:
         report["llm"] = {"params": sum(p.numel() for p in llm.parameters()),
-                         **llm_heldout_metrics(llm, tokenizer, heldout, cfg.seed)}
+                         **llm_heldout_metrics(llm, tokenizer, heldout, cfg.seed_of_llm())}
     both = load_model(preset("tiny", llm=str(out / "llm"),
                              vision_qformer=str(out / "vision_qformer")), projection="")
     report["linear_readout_r2"] = linear_readout_r2(both, train[:2000], heldout)

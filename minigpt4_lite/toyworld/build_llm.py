@@ -205,10 +205,10 @@ def llm_batch(llm: nn.Module, tokenizer, slots: SlotEncoder, scenes: list[Scene]
 
 
 def fresh_llm(cfg: BuildConfig, tokenizer):
-    """A randomly initialised Llama of the build's shape, seeded by `cfg.seed` (on the CPU)."""
+    """A randomly initialised Llama of the build's shape, seeded by `cfg.seed_of_llm()` (on CPU)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed_of_llm())
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.llm_hidden, intermediate_size=cfg.llm_mlp,
         num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads,
@@ -228,9 +228,10 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None)
     emb = llm.get_input_embeddings()
     pinned = None  # (token ids, rows) of slot words held fixed: `BuildConfig.slot_word_norm`
     if cfg.slot_word_norm:
-        pinned = pin_slot_words(emb, slots, cfg.slot_word_norm, cfg.seed)
+        pinned = pin_slot_words(emb, slots, cfg.slot_word_norm, cfg.seed_of_llm())
     opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm_lr, weight_decay=0.01)
-    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    seed = cfg.seed_of_llm()
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     total = cfg.steps(cfg.llm_steps)
     llm.train()
     if cfg.llm_attention == "eager_fp32":  # ours: transformers must know it before it is set

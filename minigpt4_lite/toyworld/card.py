@@ -121,6 +121,23 @@ def _lookup_note(b: dict) -> str:
             " its shape alone in a few hundred such steps, which the whole mix never taught it.")
 
 
+def _existence_note(report: dict) -> str:
+    """The look-first existence answers, where the LLM's language had them."""
+    if report.get("existence_answers") != "look first":
+        return ""
+    return ("\n  Existence questions are answered by looking first (`language.existence_answer`:"
+            " \"Is there a red star?\" -> \"The star is blue, so no.\"): the colour question's own"
+            " lookup, then a yes or no that compares two words already written.")
+
+
+def _seed_note(b: dict) -> str:
+    """Which seed built what: the LLM may have its own (`BuildConfig.llm_seed`)."""
+    llm_seed = b.get("llm_seed")
+    if llm_seed is None or llm_seed == b["seed"]:
+        return f"seed {b['seed']}"
+    return f"seed {b['seed']} (the LLM: `llm_seed` {llm_seed})"
+
+
 def _form_notes(b: dict) -> str:
     weights = b.get("form_weights", FORM_WEIGHTS)  # reports older than a form have fewer weights
     return "".join(f"\n  {note}" for form, note in FORM_NOTES.items()
@@ -240,7 +257,7 @@ def render_model_card(folder: str | Path, report: dict | None = None) -> str:
     vq_params = safetensors_params(folder / "vision_qformer" / "model.safetensors")
     llm_prec, vision_prec = _precision(report, "llm"), _precision(report, "vision")
     n_queries = vq_cfg["num_query_tokens"]
-    form_notes = _form_notes(b) + _lookup_note(b)
+    form_notes = _form_notes(b) + _lookup_note(b) + _existence_note(report)
     time_note = (_recorded(report.get("time_note"), "Note recorded with this build")
                  + _schedule_note(report))
     plain_note = _recorded(report.get("plain_note"), "Recorded by hand when this LLM replaced "
@@ -250,7 +267,7 @@ def render_model_card(folder: str | Path, report: dict | None = None) -> str:
     return _reflow(f"""# assets/: the tiny pretrained, frozen backbones of ToyWorld
 
 Built by `python -m minigpt4_lite build-assets --out assets` (`minigpt4_lite/toyworld/build.py`),
-deterministic for seed {b['seed']}; measured build time {_build_time(report)} on
+deterministic for {_seed_note(b)}; measured build time {_build_time(report)} on
 {report.get('machine', 'this machine')} ({_seconds(report)}).{time_note}
 
 Everything here is loaded by `preset("tiny")` offline. This card is rendered from
