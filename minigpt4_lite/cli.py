@@ -41,11 +41,8 @@ def _load(args, projection: str | None = None):
     from .checkpoints import load_model
     from .config import preset
 
-    overrides = {k: v for k, v in (("vision_qformer", getattr(args, "vision_qformer", None)),
-                                   ("llm", getattr(args, "llm", None)),
-                                   ("quantization", getattr(args, "quantization", None)),
-                                   ("dtype", getattr(args, "dtype", None)))
-                 if v}
+    given = {k: getattr(args, k, None) for k in ("vision_qformer", "llm", "quantization", "dtype")}
+    overrides = {k: v for k, v in given.items() if v}
     cfg = preset(args.preset, **overrides)
     # under torchrun / accelerate launch each process loads onto its own GPU, not all onto GPU 0
     gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -255,9 +252,9 @@ def cmd_build_assets(args) -> int:
     if args.card_only:  # re-render the model card from the files, e.g. after retraining
         print(f"model card written to {write_model_card(args.out)}")
         return 0
-    seeds = {} if args.llm_seed is None else {"llm_seed": args.llm_seed}
-    cfg = BuildConfig(device=args.device, steps_scale=args.steps_scale, seed=args.seed, **seeds,
-                      **(PLAIN if args.plain else PREVIOUS if args.previous else {}))
+    recipe = PLAIN if args.plain else PREVIOUS if args.previous else {}
+    seeds = {"seed": args.seed} | ({} if args.llm_seed is None else {"llm_seed": args.llm_seed})
+    cfg = BuildConfig(device=args.device, steps_scale=args.steps_scale, **(recipe | seeds))
     report = build(args.out, cfg, parts=tuple(args.parts.split(",")))
     print(json.dumps({k: v for k, v in report.items() if k != "sha256"}, indent=2))
     return 0
@@ -395,8 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="scale every step count (small values: a quick miniature build)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--llm-seed", type=int, default=None,
-                   help="the LLM part's own seed (default: the recipe's, `BuildConfig.llm_seed`)")
+    p.add_argument("--llm-seed", type=int, help="the LLM's own seed (default: BuildConfig's)")
     p.add_argument("--parts", default="llm,vision",
                    help="what to rebuild: llm, vision or both (the rest is read from --out)")
     p.add_argument("--card-only", action="store_true",

@@ -546,7 +546,7 @@ def test_pinned_slot_words_are_orthogonal_and_stay_fixed_in_pretraining(tiny):
     llm = pretrain_llm(cfg, tiny.tokenizer, tw.make_scenes("train", 100))  # 10 steps
     weight = llm.get_input_embeddings().weight.detach()
     torch.testing.assert_close(weight[ids], pin_slot_words(torch.nn.Embedding(*weight.shape),
-                                                           encoder, 1.5, cfg.seed)[1])
+                                                           encoder, 1.5, cfg.seed_of_llm())[1])
 
 
 def test_pretraining_calls_on_step_after_each_step_and_stops_when_told(tiny, monkeypatch):
@@ -643,3 +643,17 @@ def test_the_llm_part_of_the_build_is_seeded_by_llm_seed():
 
     assert torch.equal(weights(seed=0, llm_seed=5), weights(seed=5, llm_seed=None))
     assert not torch.equal(weights(seed=0, llm_seed=5), weights(seed=5, llm_seed=0))
+
+
+def test_build_assets_passes_both_seeds_over_any_recipe(monkeypatch, tmp_path, capsys):
+    """`build-assets --seed S --llm-seed L` builds with both, also over `--plain`, whose recipe
+    has its own `llm_seed`; without `--llm-seed` the recipe's stands."""
+    from minigpt4_lite import cli
+    from minigpt4_lite.toyworld import build as build_module
+
+    built = []
+    monkeypatch.setattr(build_module, "build", lambda out, cfg, parts: built.append(cfg) or {})
+    for extra in (["--llm-seed", "3", "--plain"], ["--llm-seed", "3"], [], ["--plain"]):
+        assert cli.main(["build-assets", "--out", str(tmp_path), "--seed", "2", *extra]) == 0
+    assert [(c.seed, c.seed_of_llm()) for c in built] == [(2, 3), (2, 3), (2, 1), (2, 2)]
+    assert built[0].llm_steps == 5000 and built[2].lookup_steps == 800  # --plain, the default
