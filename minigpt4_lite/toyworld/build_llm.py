@@ -226,11 +226,11 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None)
     llm = fresh_llm(cfg, tokenizer).to(cfg.device)
     slots = SlotEncoder(tokenizer)
     emb = llm.get_input_embeddings()
+    seed = cfg.seed_of_llm()
     pinned = None  # (token ids, rows) of slot words held fixed: `BuildConfig.slot_word_norm`
     if cfg.slot_word_norm:
-        pinned = pin_slot_words(emb, slots, cfg.slot_word_norm, cfg.seed_of_llm())
+        pinned = pin_slot_words(emb, slots, cfg.slot_word_norm, seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm_lr, weight_decay=0.01)
-    seed = cfg.seed_of_llm()
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     total = cfg.steps(cfg.llm_steps)
     llm.train()
