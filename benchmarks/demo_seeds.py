@@ -98,8 +98,9 @@ def render(runs: dict[int, dict], machine: str, command: str, top: dict | None =
         marks = ["met" if m["targets"][target] else "**missed**" for m in runs.values()]
         lines.append(f"| {target} | " + " | ".join(marks) + " |")
     if all("qa_heldout" in m["stage2"] for m in runs.values()):
-        lines += ["", "Stage 2's short answers (one question per scene; the kinds cycle, about "
-                  "33 scenes each), the same kinds worded as no training text words them, a "
+        n = next(iter(runs.values()))["stage2"]["qa"]["n"]
+        lines += ["", f"Stage 2's short answers ({n} questions: every kind about every scene, "
+                  "each a fresh chat), the same questions worded as no training text words them, a "
                   "second question in the same chat, and the size and exact cell of each object "
                   "that its detailed descriptions name:", "",
                   "| seed | " + " | ".join(QA_COLUMNS) + " |",

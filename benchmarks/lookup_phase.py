@@ -43,7 +43,7 @@ def questions(n: int = 150) -> dict[str, list]:
     scenes = [s for s in tw.make_scenes("heldout", 1200) if len(s.objects) >= 3]
     out: dict[str, list] = {kind: [] for kind in KINDS}
     for first in range(7):  # `qa_items` asks one kind per scene, cycling from `first`
-        for scene, (q, key, kind) in zip(scenes, qa_items(scenes, first_kind=first)):
+        for scene, (q, key, kind, _) in zip(scenes, qa_items(scenes, first_kind=first)):
             if kind in out and len(out[kind]) < n:
                 out[kind].append((scene, q, key))
     return out

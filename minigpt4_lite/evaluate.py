@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -102,14 +103,28 @@ def qa_kind(key: str) -> str:
 QA_KINDS = ("colour", "count", "position", "existence", "size", "shape")
 
 
-def qa_items(scenes: list[tw.Scene], seed: int = 0, questions=tw.QUESTIONS, first_kind: int = 0
-             ) -> list[tuple[str, str, str]]:
-    """One (question, key, kind) per scene, cycling through `QA_KINDS`.
+class QAItem(NamedTuple):
+    """One short question of the evaluation: its wording, the key a right answer names, its kind
+    (`QA_KINDS`) and the index of the scene it is asked about."""
 
+    question: str
+    key: str
+    kind: str
+    scene: int
+
+
+def qa_items(scenes: list[tw.Scene], seed: int = 0, questions=tw.QUESTIONS, first_kind: int = 0,
+             every_kind: bool = False) -> list[QAItem]:
+    """Short questions about `scenes`: one per scene cycling through `QA_KINDS`, or, with
+    `every_kind`, every kind each scene has (about 6 per scene), scene after scene.
+
+    One per scene: scene i gets kind i + `first_kind`, or the next kind the scene has. Every kind:
+    the kinds the scene has, in that cycle, starting `first_kind` further (so `first_kind=1` asks,
+    at each place, the kind after the one `first_kind=0` asks: the follow-up of `evaluate`).
     Within a kind the question also cycles (over the scene's objects, and between the "yes" and
     the "no" existence question), so that a model answering always "yes" scores half, not all.
     `questions`: the trained wordings (`tw.QUESTIONS`) or the held-out ones
-    (`tw.HELDOUT_QUESTIONS`); `first_kind` shifts the cycle (scene i gets kind i + first_kind).
+    (`tw.HELDOUT_QUESTIONS`).
     """
     items = []
     for i, scene in enumerate(scenes):
@@ -117,13 +132,16 @@ def qa_items(scenes: list[tw.Scene], seed: int = 0, questions=tw.QUESTIONS, firs
         by_kind = {}
         for question, _, key in pairs:
             by_kind.setdefault(qa_kind(key), []).append((question, key))
-        for k in range(len(QA_KINDS)):  # the scheduled kind, or the next one the scene has
-            kind = QA_KINDS[(i + first_kind + k) % len(QA_KINDS)]
-            if kind in by_kind:
-                options = by_kind[kind]
-                question, key = options[(i // len(QA_KINDS)) % len(options)]
-                items.append((question, key, kind))
-                break
+        has = [k for j in range(len(QA_KINDS)) if (k := QA_KINDS[(i + j) % len(QA_KINDS)])
+               in by_kind]  # the kinds this scene has, in the cycle from its own
+        shift = first_kind % len(has)
+        kinds = has[shift:] + has[:shift] if every_kind else [
+            next(k for j in range(len(QA_KINDS))
+                 if (k := QA_KINDS[(i + first_kind + j) % len(QA_KINDS)]) in by_kind)]
+        turn = i if every_kind else i // len(QA_KINDS)  # which of a kind's questions
+        for kind in kinds:
+            question, key = by_kind[kind][turn % len(by_kind[kind])]
+            items.append(QAItem(question, key, kind, i))
     return items
 
 
@@ -165,26 +183,25 @@ def scene_features(model, scenes: list[tw.Scene], batch_size: int = 256) -> torc
     return torch.cat(feats)
 
 
-def qa_scores(answers: list[str], items: list[tuple[str, str, str]]) -> dict:
+def qa_scores(answers: list[str], items: list[QAItem]) -> dict:
     """Strict accuracy of `answers` to `qa_items`, overall and per kind."""
-    correct = [answer_correct(a, key) for a, (_, key, _) in zip(answers, items)]
+    correct = [answer_correct(a, item.key) for a, item in zip(answers, items)]
     scores = {"accuracy": round(float(np.mean(correct)), 4), "n": len(correct)}
     for kind in QA_KINDS:
-        hits = [c for c, (_, _, k) in zip(correct, items) if k == kind]
+        hits = [c for c, item in zip(correct, items) if item.kind == kind]
         if hits:
             scores[f"accuracy_{kind}"] = round(float(np.mean(hits)), 4)
     return scores
 
 
-def followup_prompts(first: list[tuple[str, str, str]], answers: list[str],
-                     second: list[tuple[str, str, str]]) -> list[str]:
+def followup_prompts(first: list[QAItem], answers: list[str], second: list[QAItem]) -> list[str]:
     """The chat after one exchange: image + first question, the model's answer, a new question.
 
     Laid out as the chat (`CONV_VISION`, system text included), so that the follow-up is asked
     exactly as a student's second message in `Chat` or the widget would be.
     """
     prompts = []
-    for (q1, _, _), a1, (q2, _, _) in zip(first, answers, second):
+    for (q1, *_), a1, (q2, *_) in zip(first, answers, second):
         conv = CONV_VISION.copy()
         conv.append("Human", f"{IMAGE_MESSAGE} {q1}")
         conv.append("Assistant", a1)
@@ -203,36 +220,42 @@ QA_REGISTERS = tuple(QA_ROWS)
 @torch.no_grad()
 def evaluate(model, scenes: list[tw.Scene], registers=("caption", "detailed", "poem", "qa"),
              batch_size: int = 100, features: torch.Tensor | None = None,
-             return_texts: bool = False, image_embeds: torch.Tensor | None = None) -> dict:
+             return_texts: bool = False, image_embeds: torch.Tensor | None = None,
+             every_kind: bool = True) -> dict:
     """Generate greedily for each register on `scenes` and measure against the ground truth.
 
     Registers: "caption" (stage 1's layout), "detailed" (also scored per object attribute,
-    `attribute_accuracy`), "poem", and the short questions: "qa" (one per scene, the trained
-    wordings), "qa_heldout" (the same kinds worded as no training text words them) and
-    "qa_followup" (a second question of the next kind, asked in the same chat after the model's
-    own answer to the "qa" one). The visual tokens are the projection of `features` (computed
-    if not given), or `image_embeds` as they are (see `slot_ceiling`).
+    `attribute_accuracy`), "poem", and the short questions (`qa_items`; with `every_kind`, each
+    kind about every scene, else one question per scene): "qa" (the trained wordings),
+    "qa_heldout" (the same questions worded as no training text words them) and "qa_followup"
+    (a question of the next kind, asked in the same chat after the model's own answer to the
+    "qa" one). Each question is a fresh chat. The visual tokens are the projection of `features`
+    (computed if not given), or `image_embeds` as they are (see `slot_ceiling`).
     """
     model.eval()
     if image_embeds is None:
         features = scene_features(model, scenes) if features is None else features
         image_embeds = model.project(features)
     results, texts = {}, {}
-    items = {"qa": qa_items(scenes), "qa_heldout": qa_items(scenes, questions=tw.HELDOUT_QUESTIONS),
-             "qa_followup": qa_items(scenes, first_kind=1)}
+    ask = lambda **kw: qa_items(scenes, every_kind=every_kind, **kw)  # noqa: E731
+    items = {"qa": ask(), "qa_heldout": ask(questions=tw.HELDOUT_QUESTIONS),
+             "qa_followup": ask(first_kind=1)}
     for register in registers:
+        embeds = image_embeds  # one image per scene, or per question
+        if register in QA_REGISTERS:
+            embeds = image_embeds[[item.scene for item in items[register]]]
         if register == "qa_followup":
-            first = texts.get("qa") or _generate(model, [stage2_prompt(q) for q, _, _ in
-                                                          items["qa"]], image_embeds, "qa",
+            first = texts.get("qa") or _generate(model, [stage2_prompt(it.question) for it in
+                                                          items["qa"]], embeds, "qa",
                                                  batch_size)[0]
             prompts = followup_prompts(items["qa"], first, items["qa_followup"])
         elif register in QA_REGISTERS:
-            prompts = [stage2_prompt(q) for q, _, _ in items[register]]
+            prompts = [stage2_prompt(it.question) for it in items[register]]
         elif PROMPTS[register] is None:
             prompts = [None] * len(scenes)
         else:
             prompts = [stage2_prompt(PROMPTS[register])] * len(scenes)
-        texts[register], stopped = _generate(model, prompts, image_embeds, register, batch_size)
+        texts[register], stopped = _generate(model, prompts, embeds, register, batch_size)
         if register in QA_REGISTERS:
             results[register] = qa_scores(texts[register], items[register])
         else:

@@ -323,11 +323,11 @@ def qa_by_kind(llm, tokenizer, slots: SlotEncoder, scenes: list[Scene], form: st
     """Greedy Q&A accuracy per kind (colour, count, position, existence), the demo's questions."""
     items = qa_items(scenes, seed)
     prompts = [stage2_prompt(q, image=scene_in_words(s) if form == "words" else IMAGE_PLACEHOLDER)
-               for s, (q, _, _) in zip(scenes, items)]
+               for s, (q, *_) in zip(scenes, items)]
     answers = _greedy(llm, tokenizer, slots, prompts,
                       scenes[:len(items)] if form == "slots" else None)
     by_kind: dict[str, list[bool]] = {}
-    for answer, (_, key, kind) in zip(answers, items):
+    for answer, (_, key, kind, _) in zip(answers, items):
         by_kind.setdefault(kind, []).append(answer_correct(answer, key))
     return {kind: round(float(np.mean(hits)), 4) for kind, hits in sorted(by_kind.items())}
 
