@@ -142,6 +142,13 @@ def test_qa_items_of_every_kind_ask_each_kind_about_each_scene_once():
         assert kinds.index(b.kind) == (kinds.index(a.kind) + 1) % len(kinds)
 
 
+def test_chapter_4_counts_its_questions_as_qa_items_asks_them():
+    """Chapter 4's chance exercise: 1,188 questions on 200 scenes, 188 colour and 200 of the rest."""
+    items = qa_items(tw.make_scenes("heldout", 200), every_kind=True)
+    assert Counter(item.kind for item in items) == {"colour": 188, **{k: 200 for k in QA_KINDS
+                                                                      if k != "colour"}}
+
+
 def test_heldout_questions_ask_the_same_things_in_wordings_no_training_text_uses():
     """`qa_heldout` asks the same kinds about the same objects, worded as no training text is."""
     from minigpt4_lite.toyworld.build_llm import corpus, llm_examples
