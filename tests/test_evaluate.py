@@ -143,7 +143,7 @@ def test_qa_items_of_every_kind_ask_each_kind_about_each_scene_once():
 
 
 def test_chapter_4_counts_its_questions_as_qa_items_asks_them():
-    """Chapter 4's chance exercise: 1,188 questions on 200 scenes, 188 colour and 200 of the rest."""
+    """Chapter 4's chance exercise: 1,188 questions on 200 scenes, 188 colour, 200 of the rest."""
     items = qa_items(tw.make_scenes("heldout", 200), every_kind=True)
     assert Counter(item.kind for item in items) == {"colour": 188, **{k: 200 for k in QA_KINDS
                                                                       if k != "colour"}}
