@@ -132,12 +132,13 @@ def qa_items(scenes: list[tw.Scene], seed: int = 0, questions=tw.QUESTIONS, firs
         by_kind = {}
         for question, _, key in pairs:
             by_kind.setdefault(qa_kind(key), []).append((question, key))
-        has = [k for j in range(len(QA_KINDS)) if (k := QA_KINDS[(i + j) % len(QA_KINDS)])
-               in by_kind]  # the kinds this scene has, in the cycle from its own
-        shift = first_kind % len(has)
-        kinds = has[shift:] + has[:shift] if every_kind else [
-            next(k for j in range(len(QA_KINDS))
-                 if (k := QA_KINDS[(i + first_kind + j) % len(QA_KINDS)]) in by_kind)]
+        cycle = lambda start: [QA_KINDS[(start + j) % len(QA_KINDS)]  # noqa: E731
+                               for j in range(len(QA_KINDS))]
+        if every_kind:  # the kinds this scene has, from its own in the cycle, shifted
+            has = [k for k in cycle(i) if k in by_kind]
+            kinds = has[first_kind % len(has):] + has[:first_kind % len(has)]
+        else:  # its scheduled kind, or the next one it has
+            kinds = [next(k for k in cycle(i + first_kind) if k in by_kind)]
         turn = i if every_kind else i // len(QA_KINDS)  # which of a kind's questions
         for kind in kinds:
             question, key = by_kind[kind][turn % len(by_kind[kind])]
