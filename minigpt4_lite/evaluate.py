@@ -126,14 +126,14 @@ def qa_items(scenes: list[tw.Scene], seed: int = 0, questions=tw.QUESTIONS, firs
     `questions`: the trained wordings (`tw.QUESTIONS`) or the held-out ones
     (`tw.HELDOUT_QUESTIONS`).
     """
+    cycle = lambda start: [QA_KINDS[(start + j) % len(QA_KINDS)]  # noqa: E731
+                           for j in range(len(QA_KINDS))]  # the kinds, from the start-th on
     items = []
     for i, scene in enumerate(scenes):
         pairs = tw.qa_pairs(scene, random.Random(f"{seed}:{scene.seed}"), questions=questions)
         by_kind = {}
         for question, _, key in pairs:
             by_kind.setdefault(qa_kind(key), []).append((question, key))
-        cycle = lambda start: [QA_KINDS[(start + j) % len(QA_KINDS)]  # noqa: E731
-                               for j in range(len(QA_KINDS))]
         if every_kind:  # the kinds this scene has, from its own in the cycle, shifted
             has = [k for k in cycle(i) if k in by_kind]
             kinds = has[first_kind % len(has):] + has[:first_kind % len(has)]
@@ -243,7 +243,7 @@ def evaluate(model, scenes: list[tw.Scene], registers=("caption", "detailed", "p
              "qa_followup": ask(first_kind=1)}
     for register in registers:
         embeds = image_embeds  # one image per scene, or per question
-        if register in QA_REGISTERS:
+        if register in QA_REGISTERS:  # the three lists ask about the same scenes in one order
             embeds = image_embeds[[item.scene for item in items[register]]]
         if register == "qa_followup":
             first = texts.get("qa") or _generate(model, [stage2_prompt(it.question) for it in
