@@ -21,6 +21,7 @@ from minigpt4_lite.evaluate import (
     table3,
 )
 from minigpt4_lite.prompts import CONV_VISION
+from minigpt4_lite.toyworld.recipe import BuildConfig
 
 SCENE = tw.make_scenes("heldout", 1)[0]  # a large orange star (top centre), a large black cross
 
@@ -163,17 +164,22 @@ def test_heldout_questions_ask_the_same_things_in_wordings_no_training_text_uses
     assert not {t for ts in tw.QUESTIONS.values() for t in ts} & set(templates)
     rng = random.Random(0)
     train = tw.make_scenes("train", 300)
-    texts = list(corpus(train, rng))
+    texts = list(corpus(train, rng))  # the tokenizer's
     tok = tiny_tokenizer()
     texts += [tok.decode([i for i in ex.ids if i >= 0]) for ex, _ in
               llm_examples(tok, train, rng, form_weights=(0, 10, 10, 10, 70, 0))]
     texts += [q for s in train for q, _, _ in tw.qa_pairs(s, rng)]
-    joined = "\n".join(texts)
-    assert "color" not in joined.lower()  # the US spelling is never a training word
-    for word in ("located", "number", "size"):  # nor are these words of the held-out wordings
-        assert not re.search(rf"\b{word}\b", joined.lower()), word
+    first = "\n".join(texts).lower()  # the tokenizer, the LLM's first phase, stage 2's Q&A
+    final = "\n".join(tok.decode([i for i in ex.ids if i >= 0]) for ex, _ in llm_examples(
+        tok, train, rng, form_weights=BuildConfig().final_form_weights))
+    questions = re.findall(r"[^.?#:]*\?", first + final.lower())
+    words = ("color", "located", "number", "size", "contain", "would")
+    for word in words:  # the held-out wordings' own words: never in a training question ...
+        assert not any(re.search(rf"\b{word}\b", q) for q in questions), word
+        assert not re.search(rf"\b{word}\b", first), word  # ... nor in any text but the facts
+    assert re.search(r"\bcolor\b", final) and re.search(r"\bsize\b", final)  # the facts' words
     for pattern in patterns:
-        assert not re.search(pattern, joined), pattern
+        assert not re.search(pattern, "\n".join(texts) + final), pattern
     assert re.search(patterns[0], "What color is the red star?")  # the patterns can match
 
 

@@ -27,6 +27,7 @@ from minigpt4_lite.toyworld import (
     caption,
     cell_phrase,
     detailed_description,
+    fact_sentences,
     make_scene,
     make_scenes,
     mentioned_objects,
@@ -257,6 +258,37 @@ def test_existence_answers_say_what_the_picture_holds_then_yes_or_no():
             assert a.rstrip(".").split()[-1] == key and answer_correct(a, key), (q, a)
             seen.add((key, len(truth_colours) if truth_colours else 0))
     assert {("yes", 1), ("no", 1), ("no", 0)} <= seen  # near misses and absent shapes both asked
+
+
+def test_fact_sentences_state_true_facts_in_everyday_words_never_as_questions():
+    """`fact_sentences`: two statements, each one true fact of the scene (an object's colour, size
+    or cell, or the count), worded with words of the held-out question wordings."""
+    rng = random.Random(4)
+    kinds = set()
+    for scene in SCENES[:200]:
+        text = fact_sentences(scene, rng)
+        sentences = re.findall(r"[^.?]+[.?]", text)
+        assert len(sentences) == 2 and "?" not in text, text
+        for sentence in sentences:
+            words = set(re.findall(r"\w+", sentence.lower()))
+            assert words & {"color", "size", "located", "would", "number", "contains"}, sentence
+            pairs = mentioned_objects(sentence)
+            if words & {"number", "contains"}:  # the count
+                kinds.add("count")
+                assert NUMBER_WORDS[len(scene.objects)] in words, (sentence, scene)
+            elif pairs:  # an object named by colour and shape: its size or its cell
+                (pair,) = pairs
+                (obj,) = [o for o in scene.objects if (o.colour, o.shape) == pair]
+                kinds.add("size" if "size" in words else "cell")
+                assert (obj.size in words if "size" in words
+                        else has_word(sentence, cell_phrase(obj.cell))), (sentence, scene)
+            else:  # a colour, of an object named by its shape alone (the only one of its shape)
+                (shape,) = words & set(SHAPES)
+                (obj,) = [o for o in scene.objects if o.shape == shape]
+                (colour,) = words & set(COLOURS)
+                kinds.add("colour")
+                assert colour == obj.colour, (sentence, scene)
+    assert kinds == {"colour", "size", "cell", "count"}
 
 
 def test_poem_and_story_shape():

@@ -8,7 +8,8 @@ pretrained here, on *text only*, deterministically from a seed:
    template markers (`###`, `<Img>`, `</Img>`, `Human:`, `Assistant:`) as single tokens;
 2. `pretrain_llm`: a `LlamaForCausalLM` trained on captions and on dialogues in every register
    (`llm_examples`), with the scene given in words or as slot vectors (`slots`): the skill of
-   reading a scene from input vectors, without ever seeing a pixel;
+   reading a scene from input vectors, without ever seeing a pixel (on one CPU thread, and with
+   an optional final phase at a low learning rate, `BuildConfig.final_steps`);
 3. `llm_heldout_metrics`: its held-out perplexity and greedy Q&A accuracy (model card).
 
 Every sequence is laid out by `prompts.build_example` / `prompts.collate`, the very code that
@@ -48,7 +49,15 @@ from ..speed import (
     register_eager_fp32,
 )
 from ..train import warmup_cosine
-from .language import TASK_KINDS, caption, lookup_drill, qa_pairs, sample_task, scene_in_words
+from .language import (
+    TASK_KINDS,
+    caption,
+    fact_sentences,
+    lookup_drill,
+    qa_pairs,
+    sample_task,
+    scene_in_words,
+)
 from .recipe import (
     FORM_WEIGHTS,
     FORMS,
@@ -112,6 +121,9 @@ def llm_example(scene: Scene, rng: random.Random, form: str, kind_weights=KIND_W
     if form == "drill":  # a terse lookup, `[BOS] <Img>[slots]</Img> star: red\n`
         key, value = lookup_drill(scene, rng)
         return f"{IMAGE_MESSAGE} {key}:", " " + value, END_SYM[1], True
+    if form == "facts":  # a detailed description, then two facts in everyday words (the chat)
+        instruction, answer = sample_task(scene, rng, "detailed")
+        answer = f"{answer} {fact_sentences(scene, rng)}"
     if form == "words":
         return stage2_prompt(instruction, image=scene_in_words(scene)), answer, END_SYM[2], False
     if form == "slots":
@@ -217,42 +229,73 @@ def fresh_llm(cfg: BuildConfig, tokenizer):
         tie_word_embeddings=False))
 
 
+# The LLM's pretraining runs on one CPU thread, whatever the machine has. Why: whether a fresh LLM
+# learns its lookups (an object by its shape alone) is a lottery over rounding, and a matmul split
+# over two threads adds in another order. The shipped recipe built on two threads here learned
+# colour questions 63% right from exact slots instead of 100% (docs/asset_history.md, "A final
+# phase"); on one thread a build repeats bit for bit on one kind of CPU. A second core barely
+# speeds up an LLM this small (1,181 s on two threads, about 1,300 s on one).
+
+
 def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None):
     """Pretrain the tiny LLM on `llm_examples` drawn from `scenes`; returns it in eval mode.
 
-    `on_step(steps_done, llm)`, if given, runs after every step (the benchmarks measure the LLM
-    while it learns); it returns True to stop there.
+    Two phases, each with its own AdamW and its own warmup + cosine: the pretraining proper
+    (`llm_steps` at `llm_lr`, the lookup phase first), then, where `cfg.final_steps`, a short
+    final phase at a low learning rate (`final_lr`) on `final_form_weights`, which adds what the
+    LLM should also know (the everyday words of the `facts` form) without unlearning what the
+    first phase taught. `on_step(steps_done, llm)`, if given, runs after every step of the first
+    phase (the benchmarks measure the LLM while it learns); it returns True to stop there.
     """
+    threads = torch.get_num_threads()
+    if cfg.device == "cpu":  # one thread: see the comment above
+        torch.set_num_threads(1)
+    try:
+        return _pretrain(cfg, tokenizer, scenes, on_step)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None):
     llm = fresh_llm(cfg, tokenizer).to(cfg.device)
+    seed = cfg.seed_of_llm()
+    stopped = train_llm(llm, cfg, tokenizer, scenes, cfg.steps(cfg.llm_steps), cfg.llm_lr,
+                        cfg.form_weights_at, seed, "LLM (text only)", on_step)
+    if cfg.final_steps and not stopped:  # own seed: the first phase draws as it did without it
+        train_llm(llm, cfg, tokenizer, scenes, cfg.steps(cfg.final_steps), cfg.final_lr,
+                  lambda step: cfg.final_form_weights, seed + 1, "LLM (final phase)")
+    return llm.eval()
+
+
+def train_llm(llm, cfg: BuildConfig, tokenizer, scenes: list[Scene], total: int, lr: float,
+              weights_at, seed: int, desc: str, on_step=None) -> bool:
+    """`total` steps of AdamW on batches of `llm_examples`, forms drawn from `weights_at(step)`;
+    True where `on_step` stopped it early."""
     slots = SlotEncoder(tokenizer)
     emb = llm.get_input_embeddings()
-    seed = cfg.seed_of_llm()
     pinned = None  # (token ids, rows) of slot words held fixed: `BuildConfig.slot_word_norm`
     if cfg.slot_word_norm:
-        pinned = pin_slot_words(emb, slots, cfg.slot_word_norm, seed)
-    opt = torch.optim.AdamW(llm.parameters(), lr=cfg.llm_lr, weight_decay=0.01)
+        pinned = pin_slot_words(emb, slots, cfg.slot_word_norm, cfg.seed_of_llm())
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01)
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    total = cfg.steps(cfg.llm_steps)
     llm.train()
     if cfg.llm_attention == "eager_fp32":  # ours: transformers must know it before it is set
         register_eager_fp32()
     llm.set_attn_implementation(cfg.llm_attention)  # see `BuildConfig.llm_attention`
     undo = compile_llm(llm) if cfg.compile else None
-    bar = tqdm(range(total), desc="LLM (text only)")
+    bar = tqdm(range(total), desc=desc)
     queue: list[list] = []
     for step in bar:
-        if step and step == cfg.lookup_phase():  # the lookup phase is over: the whole mix now
+        if step and weights_at(step) != weights_at(step - 1):  # e.g. the lookup phase is over
             queue = []
         # the project's one schedule, MiniGPT-4's (`train.warmup_cosine`); builds before
         # 2026-11-29 ran their cosine over the steps after warmup (docs/asset_history.md)
         for group in opt.param_groups:
-            group["lr"] = warmup_cosine(step, total, max(1, total // 12), cfg.llm_lr,
-                                        cfg.llm_lr / 20)
+            group["lr"] = warmup_cosine(step, total, max(1, total // 12), lr, lr / 20)
         if not queue:  # draw the next `llm_bucket_pool` batches at once, bucketed by length
             pool = [scene for _ in range(cfg.llm_bucket_pool)
                     for scene in rng.sample(scenes, cfg.llm_batch)]
-            drawn = llm_examples(tokenizer, pool, rng, cfg.form_weights_at(step),
-                                 cfg.kind_weights)
+            drawn = llm_examples(tokenizer, pool, rng, weights_at(step), cfg.kind_weights)
             queue = bucketed(drawn, cfg.llm_batch, rng)
             per_batch = pool_tokens_per_batch(queue)
         items = queue.pop()
@@ -273,12 +316,13 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None)
             with torch.no_grad():
                 emb.weight[pinned[0]] = pinned[1]
         bar.set_postfix(loss=f"{value:.3f}")
-        if on_step is not None and on_step(step + 1, llm):
+        stopped = on_step is not None and bool(on_step(step + 1, llm))
+        if stopped:
             break
     if undo is not None:
         undo()
     llm.set_attn_implementation("sdpa")  # the default for everyone who loads it later
-    return llm.eval()
+    return stopped
 
 
 # --- 3. what the LLM learned ----------------------------------------------------------------------

@@ -121,6 +121,18 @@ def _lookup_note(b: dict) -> str:
             " its shape alone in a few hundred such steps, which the whole mix never taught it.")
 
 
+def _final_note(b: dict) -> str:
+    """The final phase (`BuildConfig.final_steps`), where the build had one."""
+    if not b.get("final_steps"):
+        return ""
+    weights = ", ".join(map(str, b["final_form_weights"]))
+    return (f"\n  Then a final phase: {b['final_steps']} more steps with a fresh AdamW (peak lr"
+            f" {b['final_lr']}, warmup + cosine) on the shares {weights}: the whole mix, plus"
+            " detailed descriptions that end with two facts in everyday words that no question"
+            " of any training text uses (`language.fact_sentences`: \"The color of the star is"
+            " red.\", \"The number of shapes is three.\"), as Vicuna read such words on the web.")
+
+
 def _existence_note(report: dict) -> str:
     """The look-first existence answers, where the LLM's language had them."""
     if report.get("existence_answers") != "look first":
@@ -257,7 +269,7 @@ def render_model_card(folder: str | Path, report: dict | None = None) -> str:
     vq_params = safetensors_params(folder / "vision_qformer" / "model.safetensors")
     llm_prec, vision_prec = _precision(report, "llm"), _precision(report, "vision")
     n_queries = vq_cfg["num_query_tokens"]
-    form_notes = _form_notes(b) + _lookup_note(b) + _existence_note(report)
+    form_notes = _form_notes(b) + _lookup_note(b) + _final_note(b) + _existence_note(report)
     time_note = (_recorded(report.get("time_note"), "Note recorded with this build")
                  + _schedule_note(report))
     plain_note = _recorded(report.get("plain_note"), "Recorded by hand when this LLM replaced "
@@ -267,8 +279,9 @@ def render_model_card(folder: str | Path, report: dict | None = None) -> str:
     return _reflow(f"""# assets/: the tiny pretrained, frozen backbones of ToyWorld
 
 Built by `python -m minigpt4_lite build-assets --out assets` (`minigpt4_lite/toyworld/build.py`),
-deterministic for {_seed_note(b)}; measured build time {_build_time(report)} on
-{report.get('machine', 'this machine')} ({_seconds(report)}).{time_note}
+deterministic for {_seed_note(b)} on one kind of CPU (the LLM trains on one thread; on another CPU
+the rounding differs and the LLM is another draw, docs/asset_history.md); measured build time
+{_build_time(report)} on {report.get('machine', 'this machine')} ({_seconds(report)}).{time_note}
 
 Everything here is loaded by `preset("tiny")` offline. This card is rendered from
 `build_report.json`, the configs and the files themselves (`toyworld.card.write_model_card`).

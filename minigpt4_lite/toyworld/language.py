@@ -274,6 +274,38 @@ def existence_answer(scene: Scene, colour: str, shape: str, rng: random.Random) 
     return f"The {shape}s are {_join(colours)}, so {verdict}."
 
 
+# Everyday words that no other training text uses (the US "color", "size", "number", "located",
+# "contain", "would"), in *statements* of one fact each, never in a question: the kind of
+# sentence a web-pretrained LLM like Vicuna has read millions of times. Only the LLM's final
+# phase reads them (`BuildConfig.final_steps`), so its tokenizer and first phase stay the same.
+_FACT_SENTENCES = {
+    "colour": ("The color of the {s} is {c}.", "The {s} is {c} in color.",
+               "The {s} has {ac} color."),
+    "size": ("The {x} is {z} in size.", "The size of the {x} is {z}.",
+             "In size, the {x} is {z}."),
+    "cell": ("The {x} is located in the {p}.", "You would see the {x} in the {p}."),
+    "count": ("The number of {n}s is {k}.", "The picture contains {count}."),
+}
+
+
+def fact_sentences(scene: Scene, rng: random.Random, k: int = 2) -> str:
+    """`k` sentences, each one fact of `scene` in the words of `_FACT_SENTENCES`.
+
+    "The color of the star is red. The number of shapes is three." A colour fact names its object
+    by shape alone, so only an object whose shape occurs once gets one.
+    """
+    objs = _shuffled(scene, rng)
+    n, noun = len(objs), rng.choice(["object", "shape"])
+    unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+    sentences = []
+    for kind in rng.sample([*_FACT_SENTENCES] if unique else ["size", "cell", "count"], k):
+        o = unique[0] if kind == "colour" else rng.choice(objs)
+        sentences.append(rng.choice(_FACT_SENTENCES[kind]).format(
+            s=o.shape, c=o.colour, ac=_a(o.colour), x=o.name, z=o.size, p=cell_phrase(o.cell),
+            n=noun, k=NUMBER_WORDS[n], count=_count(n, noun)))
+    return " ".join(sentences)
+
+
 def lookup_drill(scene: Scene, rng: random.Random) -> tuple[str, str]:
     """A terse lookup (key, value) about one object: "star" -> "red", "red star" -> "top left".
 
