@@ -231,10 +231,10 @@ def fresh_llm(cfg: BuildConfig, tokenizer):
 
 # The LLM's pretraining runs on one CPU thread, whatever the machine has. Why: whether a fresh LLM
 # learns its lookups (an object by its shape alone) is a lottery over rounding, and a matmul split
-# over two threads adds in another order. The shipped recipe built on two threads here learned
-# colour questions 63% right from exact slots instead of 100% (docs/asset_history.md, "A final
-# phase"); on one thread a build repeats bit for bit on one kind of CPU. A second core barely
-# speeds up an LLM this small (1,181 s on two threads, about 1,300 s on one).
+# over two threads adds in another order. The shipped recipe with a final phase, built on two
+# threads here, learned colour questions 63% right from exact slots instead of 100%
+# (docs/asset_history.md, "A final phase"); on one thread a build repeats bit for bit on one kind
+# of CPU. The price: that build's LLM part took 1,953 s on one thread against 1,284 s on two.
 
 
 def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None):
@@ -285,6 +285,7 @@ def train_llm(llm, cfg: BuildConfig, tokenizer, scenes: list[Scene], total: int,
     undo = compile_llm(llm) if cfg.compile else None
     bar = tqdm(range(total), desc=desc)
     queue: list[list] = []
+    stopped = False
     for step in bar:
         if step and weights_at(step) != weights_at(step - 1):  # e.g. the lookup phase is over
             queue = []
