@@ -18,7 +18,6 @@ Without `--from`, the LLM of the first phase is built first (`build_llm.pretrain
 from __future__ import annotations
 
 import argparse
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -65,8 +64,8 @@ def first_phase_llm(source: str | None, tmp: Path) -> str:
     return str(out)
 
 
-def finish(first: str, overrides: dict, tmp: Path) -> str:
-    """The LLM of `first` after the final phase of `BuildConfig(**overrides)`, saved in `tmp`."""
+def finish(first: str, overrides: dict, out: Path) -> str:
+    """The LLM of `first` after the final phase of `BuildConfig(**overrides)`, saved in `out`."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from minigpt4_lite.toyworld.build_llm import train_llm
@@ -79,7 +78,6 @@ def finish(first: str, overrides: dict, tmp: Path) -> str:
     train_llm(llm, cfg, tokenizer, tw.make_scenes("train", cfg.n_train_scenes),
               cfg.steps(cfg.final_steps), cfg.final_lr, lambda step: cfg.final_form_weights,
               cfg.seed_of_llm() + 1, "final phase")
-    out = tmp / re.sub(r"\W+", "_", repr(sorted(overrides.items())))
     llm.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
@@ -109,8 +107,8 @@ def main(argv=None) -> None:
     t0, results = time.time(), {}
     with tempfile.TemporaryDirectory() as tmp:
         first = first_phase_llm(args.source, Path(tmp))
-        for name in args.variants:
-            llm = finish(first, VARIANTS[name], Path(tmp))
+        for i, name in enumerate(args.variants):
+            llm = finish(first, VARIANTS[name], Path(tmp) / f"variant_{i}")
             results[name] = slot_ceiling(load_model(preset("tiny", llm=llm), projection=""),
                                          scenes)
     n = results[next(iter(results))]["qa"]["n"]
