@@ -234,7 +234,8 @@ def fresh_llm(cfg: BuildConfig, tokenizer):
 # over two threads adds in another order. The shipped recipe with a final phase, built on two
 # threads here, learned colour questions 63% right from exact slots instead of 100%
 # (docs/asset_history.md, "A final phase"); on one thread a build repeats bit for bit on one kind
-# of CPU. The price: that build's LLM part took 1,953 s on one thread against 1,284 s on two.
+# of CPU. Its price here is small: per step one thread measured no slower (BENCHMARKS.md "Asset
+# build"); that build's LLM part took 1,953 s on one thread beside test runs, 1,284 s on two.
 
 
 def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None):
