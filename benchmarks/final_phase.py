@@ -1,23 +1,26 @@
 """The LLM's final phase: what a short, low-learning-rate phase after the pretraining adds.
 
-`BuildConfig.final_steps`: after its 4,000 steps the tiny LLM trains a few hundred more with a
-fresh AdamW at a low peak learning rate, on the whole mix plus detailed descriptions that state
-facts in everyday words (`language.fact_sentences`). This script starts each variant from the
-same LLM of the first phase (`--from`, the shipped `assets/llm`: its build has no final phase)
-and measures each result from exact slot vectors (`evaluate.slot_ceiling`: every kind of
-question about each of 200 held-out scenes, strict scoring, in the trained wordings, the
-held-out ones and as a follow-up).
+`BuildConfig.final_steps`: after its 4,000 steps the tiny LLM trains 600 more with a fresh AdamW
+at a low peak learning rate, on the whole mix, its questions now also in the four later wordings
+that the first phase never reads (`questions.LATER_WORDINGS`); optionally also on detailed
+descriptions that state facts in everyday words (`language.fact_sentences`, the `facts` form).
+This script starts each variant from the same LLM of the first phase (`--from`) and measures
+each result from exact slot vectors (`evaluate.slot_ceiling`: every kind of question about each
+of 200 held-out scenes, strict scoring, in the trained wordings, the held-out ones and as a
+follow-up), with the accuracy of each held-out wording.
 
-    python benchmarks/final_phase.py --from assets/llm   # 5 variants, ~30 min, one thread
+    python benchmarks/final_phase.py --from runs/llm_first_phase   # 3 variants, ~20 min
 
-Without `--from`, the LLM of the first phase is built first (`build_llm.pretrain_llm` with
-`final_steps=0`, about 25 minutes). Prints a table and writes it into BENCHMARKS.md between the
+`--from DIR`: an LLM folder after the first phase (the shipped build's first 4,000 steps, e.g.
+`build_llm.pretrain_llm` with `final_steps=0`). Without it that LLM is built first (about 22
+minutes on one thread). Prints a table and writes it into BENCHMARKS.md between the
 `final_phase` markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -28,19 +31,16 @@ import torch
 from minigpt4_lite import toyworld as tw
 from minigpt4_lite.checkpoints import load_model
 from minigpt4_lite.config import preset
-from minigpt4_lite.evaluate import QA_KINDS, slot_ceiling
+from minigpt4_lite.evaluate import QA_KINDS, answer_correct, qa_items, slot_ceiling
 from minigpt4_lite.toyworld.recipe import FORMS, BuildConfig
 
 NAME = "final_phase"
 SHIPPED = BuildConfig()
-NO_FACTS = tuple(0 if f == "facts" else w for f, w in zip(FORMS, SHIPPED.final_form_weights))
+FACTS = tuple(15 if f == "facts" else w for f, w in zip(FORMS, SHIPPED.final_form_weights))
 VARIANTS = {  # name -> BuildConfig overrides of the final phase
-    "none (the shipped build)": {},
-    "600 steps at 1e-4, facts": {"final_steps": 600, "final_lr": 1e-4},
-    "600 steps at 3e-4, facts": {"final_steps": 600},
-    "600 steps at 3e-4, facts, another draw": {"final_steps": 600,
-                                                "llm_seed": SHIPPED.seed_of_llm() + 1},
-    "600 steps at 3e-4, no facts": {"final_steps": 600, "final_form_weights": NO_FACTS},
+    "none (the first phase alone)": {"final_steps": 0},
+    "600 steps at 3e-4 (the shipped build)": {},
+    "600 steps at 3e-4, facts": {"final_form_weights": FACTS},
 }
 
 
@@ -96,6 +96,27 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def by_wording(scenes, answers: list[str]) -> dict[str, float]:
+    """The share of right answers per held-out wording (`qa_items`' order of `qa_heldout`)."""
+    items = qa_items(scenes, every_kind=True, questions=tw.HELDOUT_QUESTIONS)
+    patterns = {w: "^" + re.sub(r"\\\{\w\\\}", r"[\\w ]+?", re.escape(w)) + "$"
+                for ws in tw.HELDOUT_QUESTIONS.values() for w in ws}
+    right: dict[str, list[bool]] = {}
+    for item, answer in zip(items, answers, strict=True):
+        wording = next(w for w, p in patterns.items() if re.match(p, item.question))
+        right.setdefault(wording, []).append(answer_correct(answer, item.key))
+    return {w: sum(r) / len(r) for w, r in right.items()}
+
+
+def wording_table(wordings: dict[str, dict[str, float]]) -> str:
+    names = list(wordings)
+    rows = ["| held-out wording | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for w in wordings[names[0]]:
+        rows.append(f"| {w} | " + " | ".join(f"{wordings[n].get(w, 0):.0%}" for n in names)
+                    + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--from", dest="source", default=None, metavar="DIR")
@@ -104,24 +125,30 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as the build trains its LLM (`build_llm.pretrain_llm`)
     scenes = tw.make_scenes("heldout", 200)
-    t0, results = time.time(), {}
+    t0, results, wordings = time.time(), {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         first = first_phase_llm(args.source, Path(tmp))
         for i, name in enumerate(args.variants):
             llm = finish(first, VARIANTS[name], Path(tmp) / f"variant_{i}")
-            results[name] = slot_ceiling(load_model(preset("tiny", llm=llm), projection=""),
-                                         scenes)
+            results[name], texts = slot_ceiling(
+                load_model(preset("tiny", llm=llm), projection=""), scenes, return_texts=True)
+            wordings[name] = by_wording(scenes, texts["qa_heldout"])
     n = results[next(iter(results))]["qa"]["n"]
     body = f"""## The LLM's final phase (`benchmarks/final_phase.py`)
 
-Each variant continues the same LLM (the shipped one, 4,000 steps, no final phase) with a
-fresh AdamW, warmup + cosine, and is measured from exact slot vectors (`slot_ceiling`): {n}
+Each variant continues the same LLM (the shipped build's first phase: 4,000 steps) with a
+fresh AdamW, warmup + cosine, 600 steps whose questions also take the four later wordings
+(`questions.LATER_WORDINGS`), and is measured from exact slot vectors (`slot_ceiling`): {n}
 questions on 200 held-out scenes (every kind about every scene, strict), in the held-out wordings
 and as a follow-up in the same chat; detailed descriptions and captions (stage-1 layout) on the
 same scenes. "Facts": 15 shares of descriptions that end with two statements in the held-out
-wordings' words (`language.fact_sentences`). The shipped build has no final phase.
+wordings' words (`language.fact_sentences`). The shipped build is the second row.
 
 {table(results)}
+
+Each held-out wording (no training text contains it), right answers per variant:
+
+{wording_table(wordings)}
 
 {harness.footer("final_phase.py", argv, time.time() - t0)}"""
     harness.publish(args, NAME, body)

@@ -330,7 +330,8 @@ def attribute_accuracy(texts: list[str], scenes: list[tw.Scene]) -> dict:
 
 @torch.no_grad()
 def slot_ceiling(model, scenes: list[tw.Scene],
-                 registers=("caption", "detailed", "qa", "qa_heldout", "qa_followup")) -> dict:
+                 registers=("caption", "detailed", "qa", "qa_heldout", "qa_followup"),
+                 return_texts: bool = False):
     """`evaluate` with *exact slot vectors* as the visual tokens: the LLM's own ceiling.
 
     Only for the ToyWorld LLM of `assets/`: slot vectors are the scene in the LLM's own input
@@ -343,7 +344,8 @@ def slot_ceiling(model, scenes: list[tw.Scene],
     better there.)
     """
     exact = SlotEncoder(model.tokenizer)(scenes, model.llm.get_input_embeddings(), 0.0)
-    return evaluate(model, scenes, registers, image_embeds=exact.to(model.device))
+    return evaluate(model, scenes, registers, image_embeds=exact.to(model.device),
+                    return_texts=return_texts)
 
 
 def table3(results: dict[str, dict]) -> str:

@@ -264,6 +264,9 @@ def test_model_card_states_a_lookup_phase_only_where_the_build_had_one(tmp_path)
     card = card_of(final_steps=600, final_lr=3e-4, final_form_weights=[5, 15, 40, 0, 0, 0, 0, 0, 9])
     assert ("Then a final phase: 600 more steps with a fresh AdamW (peak lr 0.0003, warmup +"
             " cosine) on the shares 5, 15, 40, 0, 0, 0, 0, 0, 9") in card
+    assert "`questions.LATER_WORDINGS`" in card and "`language.fact_sentences`" in card
+    plain = card_of(final_form_weights=[5, 15, 40, 0, 0, 0, 0, 0, 0])  # the rest as above
+    assert "`questions.LATER_WORDINGS`" in plain and "fact_sentences" not in plain
 
 
 def test_model_card_states_the_llm_seed_and_the_existence_answers_of_its_build(tmp_path):
@@ -549,9 +552,9 @@ def test_final_phase_draws_its_own_forms_after_the_pretraining(tiny):
         drawn, optimizers = [], []
         real_examples, real_adamw = build_llm.llm_examples, torch.optim.AdamW
 
-        def spy(tokenizer, scenes, rng, form_weights, kind_weights):
-            drawn.append(tuple(form_weights))
-            return real_examples(tokenizer, scenes, rng, form_weights, kind_weights)
+        def spy(tokenizer, scenes, rng, form_weights, kind_weights, questions):
+            drawn.append((tuple(form_weights), questions))
+            return real_examples(tokenizer, scenes, rng, form_weights, kind_weights, questions)
 
         def adamw(params, lr, **kw):
             optimizers.append(lr)
@@ -562,7 +565,9 @@ def test_final_phase_draws_its_own_forms_after_the_pretraining(tiny):
             mp.setattr(torch.optim, "AdamW", adamw)
             build_llm.pretrain_llm(cfg, tiny.tokenizer, tw.make_scenes("train", 100))
         n_final = cfg.steps(final_steps) if final_steps else 0
-        assert drawn == [cfg.form_weights] * 8 + [cfg.final_form_weights] * n_final
+        # the first phase asks in its own wordings, the final phase in every trained wording
+        assert drawn == ([(cfg.form_weights, tw.FIRST_PHASE_QUESTIONS)] * 8
+                         + [(cfg.final_form_weights, tw.QUESTIONS)] * n_final)
         assert optimizers == [cfg.llm_lr] + ([cfg.final_lr] if final_steps else [])
     assert BuildConfig().final_form_weights[FORMS.index("facts")] > 0
 

@@ -173,14 +173,37 @@ def test_heldout_questions_ask_the_same_things_in_wordings_no_training_text_uses
     final = "\n".join(tok.decode([i for i in ex.ids if i >= 0]) for ex, _ in llm_examples(
         tok, train, rng, form_weights=BuildConfig().final_form_weights))
     questions = re.findall(r"[^.?#:]*\?", first + final.lower())
-    words = ("color", "located", "number", "size", "contain", "would")
-    for word in words:  # the held-out wordings' own words: never in a training question ...
-        assert not any(re.search(rf"\b{word}\b", q) for q in questions), word
+    for word in ("color", "located", "contain"):  # words of held-out wordings only: never in a
+        assert not any(re.search(rf"\b{word}\b", q) for q in questions), word  # question ...
         assert not re.search(rf"\b{word}\b", first), word  # ... nor in any text but the facts
-    assert re.search(r"\bcolor\b", final) and re.search(r"\bsize\b", final)  # the facts' words
+    trained = [w.lower() for ws in tw.QUESTIONS.values() for w in ws]
+    for word in ("number", "size", "would", "find"):  # read in other trained wordings
+        assert any(re.search(rf"\b{word}\b", w) for w in trained), word
+    assert re.search(r"\bcolor\b", final) and re.search(r"\blocated\b", final)  # facts' words
     for pattern in patterns:
         assert not re.search(pattern, "\n".join(texts) + final), pattern
     assert re.search(patterns[0], "What color is the red star?")  # the patterns can match
+
+
+def test_later_wordings_are_read_in_the_final_phase_only():
+    """`LATER_WORDINGS` are trained wordings (stage 2, the evaluation, the LLM's final phase) that
+    the tokenizer's corpus and the LLM's first phase never contain, so that those draw exactly
+    what they drew before the wordings were added."""
+    from minigpt4_lite.toyworld.build_llm import corpus, llm_examples
+    from minigpt4_lite.toyworld.questions import LATER_WORDINGS
+
+    assert {k: tuple(w for w in ws if w not in LATER_WORDINGS) for k, ws in tw.QUESTIONS.items()
+            } == tw.FIRST_PHASE_QUESTIONS and len(LATER_WORDINGS) == 4
+    assert LATER_WORDINGS < {w for ws in tw.QUESTIONS.values() for w in ws}
+    later = [re.sub(r"\\\{\w\\\}", r"[\\w ]+?", re.escape(t)) for t in LATER_WORDINGS]
+    rng, train, tok = random.Random(1), tw.make_scenes("train", 300), tiny_tokenizer()
+    decode = lambda items: [tok.decode([i for i in ex.ids if i >= 0]) for ex, _ in items]  # noqa
+    qa_heavy = (0, 10, 10, 10, 70, 0)
+    first = "\n".join([*corpus(train, rng), *decode(llm_examples(
+        tok, train, rng, qa_heavy, questions=tw.FIRST_PHASE_QUESTIONS))])
+    final = "\n".join(decode(llm_examples(tok, train, rng, qa_heavy, questions=tw.QUESTIONS)))
+    assert not any(re.search(p, first) for p in later)
+    assert all(re.search(p, final) for p in later)
 
 
 def tiny_tokenizer():

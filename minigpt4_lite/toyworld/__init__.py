@@ -6,6 +6,7 @@ itself (`minigpt4_lite.model`, `.prompts`, `.train`, ...) never imports it.
 
 - `world`: scenes, their splits and their rendering;
 - `language`: their texts (captions, descriptions, Q&A, poems, stories, the instructions);
+  `questions`: the wordings of the short questions, those training texts use and those none does;
 - `dataset`: `ToyWorldDataset`, the training samples of both stages;
 - the factory of `assets/` (`python -m minigpt4_lite build-assets`), not part of MiniGPT-4.
   `build` runs it (`recipe`: its settings); `slots`: a scene as input vectors built from the

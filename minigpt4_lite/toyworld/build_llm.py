@@ -8,8 +8,9 @@ pretrained here, on *text only*, deterministically from a seed:
    template markers (`###`, `<Img>`, `</Img>`, `Human:`, `Assistant:`) as single tokens;
 2. `pretrain_llm`: a `LlamaForCausalLM` trained on captions and on dialogues in every register
    (`llm_examples`), with the scene given in words or as slot vectors (`slots`): the skill of
-   reading a scene from input vectors, without ever seeing a pixel (on one CPU thread, and with
-   an optional final phase at a low learning rate, `BuildConfig.final_steps`);
+   reading a scene from input vectors, without ever seeing a pixel (on one CPU thread; then a
+   short final phase at a low learning rate, `BuildConfig.final_steps`, whose questions also
+   take the later wordings, `questions.LATER_WORDINGS`);
 3. `llm_heldout_metrics`: its held-out perplexity and greedy Q&A accuracy (model card).
 
 Every sequence is laid out by `prompts.build_example` / `prompts.collate`, the very code that
@@ -50,6 +51,8 @@ from ..speed import (
 )
 from ..train import warmup_cosine
 from .language import (
+    FIRST_PHASE_QUESTIONS,
+    QUESTIONS,
     TASK_KINDS,
     caption,
     fact_sentences,
@@ -77,11 +80,12 @@ LOOKUP_KINDS = ("colour",)  # the questions of a `colour_chat` dialogue
 
 # --- 1. tokenizer -------------------------------------------------------------------------------
 def corpus(scenes: list[Scene], rng: random.Random):
-    """Every register of the ToyWorld language, plus the prompt templates."""
+    """Every register of the ToyWorld language (the questions in the first phase's wordings),
+    plus the prompt templates."""
     for scene in scenes:
         yield caption(scene, rng)
         for kind in TASK_KINDS:
-            instruction, answer = sample_task(scene, rng, kind)
+            instruction, answer = sample_task(scene, rng, kind, FIRST_PHASE_QUESTIONS)
             yield stage2_prompt(instruction, image=scene_in_words(scene))
             yield answer + END_SYM[2]
     yield CONV_VISION.prompt()
@@ -109,11 +113,12 @@ def build_tokenizer(texts, vocab_size: int):
 
 
 # --- 2. the LLM's text-only pretraining ---------------------------------------------------------
-def llm_example(scene: Scene, rng: random.Random, form: str, kind_weights=KIND_WEIGHTS
-                ) -> tuple[str | None, str, str, bool]:
-    """One pretraining sample of `form`: (prompt or None, answer, end_sym, uses slot vectors)."""
+def llm_example(scene: Scene, rng: random.Random, form: str, kind_weights=KIND_WEIGHTS,
+                questions=QUESTIONS) -> tuple[str | None, str, str, bool]:
+    """One pretraining sample of `form`: (prompt or None, answer, end_sym, uses slot vectors);
+    a question in one of `questions`' wordings."""
     kind = rng.choices(TASK_KINDS, weights=kind_weights)[0]
-    instruction, answer = sample_task(scene, rng, kind)
+    instruction, answer = sample_task(scene, rng, kind, questions)
     if form == "caption":  # plain caption text, the language of stage 1 (no image)
         return "", caption(scene, rng), END_SYM[1], False
     if form == "slot_caption":  # stage 1's layout, `[BOS] [slots] caption\n`, as in its data
@@ -130,7 +135,7 @@ def llm_example(scene: Scene, rng: random.Random, form: str, kind_weights=KIND_W
         return stage2_prompt(instruction), answer, END_SYM[2], True
     conv = CONV_VISION.copy()  # the chat template, sometimes with an earlier turn
     if rng.random() < 0.4:
-        q0, a0 = sample_task(scene, rng, "qa")
+        q0, a0 = sample_task(scene, rng, "qa", questions)
         conv.append("Human", f"{IMAGE_MESSAGE} {q0}")
         conv.append("Assistant", a0)
         conv.append("Human", instruction)
@@ -140,8 +145,8 @@ def llm_example(scene: Scene, rng: random.Random, form: str, kind_weights=KIND_W
     return conv.prompt(), " " + answer, END_SYM[2], True
 
 
-def qa_dialogue(tokenizer, scene: Scene, rng: random.Random, kinds: tuple[str, ...] = ()
-                ) -> Example:
+def qa_dialogue(tokenizer, scene: Scene, rng: random.Random, kinds: tuple[str, ...] = (),
+                questions=QUESTIONS) -> Example:
     """A chat about one scene (as slot vectors): several questions, *every* answer supervised.
 
     One question per sequence gives the LLM a single answer word to learn from; a dialogue of
@@ -151,7 +156,7 @@ def qa_dialogue(tokenizer, scene: Scene, rng: random.Random, kinds: tuple[str, .
     BOS, whose answer carries the loss, appended to the first. `kinds`: only questions of these
     kinds (`evaluate.qa_kind`), where the scene has any (`colour_chat`: `LOOKUP_KINDS`).
     """
-    pairs = qa_pairs(scene, rng)
+    pairs = qa_pairs(scene, rng, questions=questions)
     if kinds and any(qa_kind(key) in kinds for _, _, key in pairs):
         pairs = [pair for pair in pairs if qa_kind(pair[2]) in kinds]
     rng.shuffle(pairs)
@@ -169,8 +174,10 @@ def qa_dialogue(tokenizer, scene: Scene, rng: random.Random, kinds: tuple[str, .
 
 
 def llm_examples(tokenizer, scenes: list[Scene], rng: random.Random, form_weights=FORM_WEIGHTS,
-                 kind_weights=KIND_WEIGHTS) -> list[tuple[Example, Scene | None]]:
+                 kind_weights=KIND_WEIGHTS, questions=QUESTIONS
+                 ) -> list[tuple[Example, Scene | None]]:
     """(token layout, scene or None) per scene; the scene is kept where slot vectors are used.
+    Questions in `questions`' wordings (the first phase: `FIRST_PHASE_QUESTIONS`).
 
     Forms are only ever added at the end of `FORMS`, so the weights of an older recipe (fewer of
     them) mean weight 0 for the later forms, and draw exactly what they drew before.
@@ -183,9 +190,10 @@ def llm_examples(tokenizer, scenes: list[Scene], rng: random.Random, form_weight
         form = rng.choices(FORMS, weights=form_weights)[0]
         if form in ("qa_chat", "colour_chat"):
             kinds = LOOKUP_KINDS if form == "colour_chat" else ()
-            items.append((qa_dialogue(tokenizer, scene, rng, kinds), scene))
+            items.append((qa_dialogue(tokenizer, scene, rng, kinds, questions), scene))
             continue
-        prompt, answer, end_sym, uses_slots = llm_example(scene, rng, form, kind_weights)
+        prompt, answer, end_sym, uses_slots = llm_example(scene, rng, form, kind_weights,
+                                                          questions)
         example = build_example(tokenizer, prompt, answer, n_image_tokens=N_SLOTS,
                                 end_sym=end_sym, max_txt_len=MAX_TXT_LEN[2])
         items.append((example, scene if uses_slots else None))
@@ -242,11 +250,12 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None)
     """Pretrain the tiny LLM on `llm_examples` drawn from `scenes`; returns it in eval mode.
 
     Two phases, each with its own AdamW and its own warmup + cosine: the pretraining proper
-    (`llm_steps` at `llm_lr`, the lookup phase first), then, where `cfg.final_steps`, a short
-    final phase at a low learning rate (`final_lr`) on `final_form_weights`, which adds what the
-    LLM should also know (the everyday words of the `facts` form) without unlearning what the
-    first phase taught. `on_step(steps_done, llm)`, if given, runs after every step of the first
-    phase (the benchmarks measure the LLM while it learns); it returns True to stop there.
+    (`llm_steps` at `llm_lr`, the lookup phase first; questions in `FIRST_PHASE_QUESTIONS`),
+    then, where `cfg.final_steps`, a short final phase at a low learning rate (`final_lr`) on
+    `final_form_weights` and every trained wording (`QUESTIONS`), which adds what the LLM should
+    also know (the later wordings' words) without unlearning what the first phase taught.
+    `on_step(steps_done, llm)`, if given, runs after every step of the first phase (the
+    benchmarks measure the LLM while it learns); it returns True to stop there.
     """
     threads = torch.get_num_threads()
     if cfg.device == "cpu":  # one thread: see the comment above
@@ -261,7 +270,8 @@ def _pretrain(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None):
     llm = fresh_llm(cfg, tokenizer).to(cfg.device)
     seed = cfg.seed_of_llm()
     stopped = train_llm(llm, cfg, tokenizer, scenes, cfg.steps(cfg.llm_steps), cfg.llm_lr,
-                        cfg.form_weights_at, seed, "LLM (text only)", on_step)
+                        cfg.form_weights_at, seed, "LLM (text only)", on_step,
+                        FIRST_PHASE_QUESTIONS)
     if cfg.final_steps and not stopped:  # own seed: the first phase draws as it did without it
         train_llm(llm, cfg, tokenizer, scenes, cfg.steps(cfg.final_steps), cfg.final_lr,
                   lambda step: cfg.final_form_weights, seed + 1, "LLM (final phase)")
@@ -269,9 +279,9 @@ def _pretrain(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None):
 
 
 def train_llm(llm, cfg: BuildConfig, tokenizer, scenes: list[Scene], total: int, lr: float,
-              weights_at, seed: int, desc: str, on_step=None) -> bool:
-    """`total` steps of AdamW on batches of `llm_examples`, forms drawn from `weights_at(step)`;
-    True where `on_step` stopped it early."""
+              weights_at, seed: int, desc: str, on_step=None, questions=QUESTIONS) -> bool:
+    """`total` steps of AdamW on batches of `llm_examples`, forms drawn from `weights_at(step)`,
+    questions in `questions`' wordings; True where `on_step` stopped it early."""
     slots = SlotEncoder(tokenizer)
     emb = llm.get_input_embeddings()
     pinned = None  # (token ids, rows) of slot words held fixed: `BuildConfig.slot_word_norm`
@@ -297,7 +307,8 @@ def train_llm(llm, cfg: BuildConfig, tokenizer, scenes: list[Scene], total: int,
         if not queue:  # draw the next `llm_bucket_pool` batches at once, bucketed by length
             pool = [scene for _ in range(cfg.llm_bucket_pool)
                     for scene in rng.sample(scenes, cfg.llm_batch)]
-            drawn = llm_examples(tokenizer, pool, rng, weights_at(step), cfg.kind_weights)
+            drawn = llm_examples(tokenizer, pool, rng, weights_at(step), cfg.kind_weights,
+                                 questions)
             queue = bucketed(drawn, cfg.llm_batch, rng)
             per_batch = pool_tokens_per_batch(queue)
         items = queue.pop()

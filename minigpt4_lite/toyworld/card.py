@@ -125,12 +125,19 @@ def _final_note(b: dict) -> str:
     """The final phase (`BuildConfig.final_steps`), where the build had one."""
     if not b.get("final_steps"):
         return ""
-    weights = ", ".join(map(str, b["final_form_weights"]))
+    weights = b["final_form_weights"]
+    facts = len(weights) > 8 and weights[8] > 0  # the `facts` form, ninth of `FORMS`
     return (f"\n  Then a final phase: {b['final_steps']} more steps with a fresh AdamW (peak lr"
-            f" {b['final_lr']}, warmup + cosine) on the shares {weights}: the whole mix, plus"
-            " detailed descriptions that end with two facts in everyday words that no question"
-            " of any training text uses (`language.fact_sentences`: \"The color of the star is"
-            " red.\", \"The number of shapes is three.\"), as Vicuna read such words on the web.")
+            f" {b['final_lr']}, warmup + cosine) on the shares {', '.join(map(str, weights))}:"
+            " the whole mix, its questions now also in four later wordings that the first phase"
+            " and the tokenizer never read (`questions.LATER_WORDINGS`: \"Give the number of"
+            " shapes in the picture.\", \"Tell me the size of the star.\", \"Would you see a red"
+            " star in the image?\", \"Is it possible to find a red star in the image?\"), so"
+            " that it learns the words \"number\", \"size\", \"would\" and \"find\" in a"
+            " question, as Vicuna learned them on the web"
+            + (", and detailed descriptions that end with two facts in everyday words"
+               " (`language.fact_sentences`: \"The color of the star is red.\")." if facts
+               else "."))
 
 
 def _existence_note(report: dict) -> str:

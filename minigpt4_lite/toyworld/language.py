@@ -21,6 +21,7 @@ import re
 from collections.abc import Collection, Sequence
 
 from ..prompts import CURATION_INSTRUCTION, INSTRUCTIONS
+from .questions import FIRST_PHASE_QUESTIONS, HELDOUT_QUESTIONS, QUESTIONS  # noqa: F401
 from .world import (
     BACKGROUND_WORDS,
     COLOURS,
@@ -126,58 +127,6 @@ def detailed_description(scene: Scene, rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-# The question wordings of each kind. `QUESTIONS` are the phrasings of every training text (the
-# LLM's pretraining, stage 2, the tokenizer's corpus); `HELDOUT_QUESTIONS` are never in any
-# training text: they test whether a model answers the question or only recognises its wording
-# (other verbs and word orders, words no training text uses, such as the US spelling "color",
-# "located", "number" and "size"). `{s}` a shape, `{t}` a colour + shape, `{p}` a cell, `{n}`
-# "object" or "shape", `{z}` a size. A position or size wording with `{s}` names the object by
-# its shape alone, asked only where that shape occurs once (else the kind's last wording, a `{t}`
-# one). Why so many training wordings: with three or four per kind the demo answered held-out
-# wordings 25-30 points worse than trained ones, with these 12-15 points (docs/asset_history.md,
-# "More question wordings"); the lookup by shape alone stayed as weak as before.
-QUESTIONS = {
-    "colour": ("What colour is the {s}?", "Which colour is the {s}?",
-               "What is the colour of the {s}?", "Tell me the colour of the {s}.",
-               "Name the colour of the {s}.", "Look at the {s}. What colour is it?",
-               "Please say what colour the {s} is.", "I want to know the colour of the {s}."),
-    "count": ("How many {n}s are there?", "How many {n}s can you see?",
-              "Count the {n}s in the image.", "How many {n}s are in the picture?",
-              "Please count the {n}s.", "How many {n}s do you see in total?",
-              "Say how many {n}s the picture has.", "Look at the image. How many {n}s are there?"),
-    "position": ("Where is the {t}?", "In which part of the image is the {t}?", "Where is the {s}?",
-                 "Which cell holds the {t}?", "Please say where the {t} is.",
-                 "Look for the {s}. Where is it?", "Where in the grid is the {s}?",
-                 "Where can I find the {t}?"),
-    "shape": ("What shape is in the {p}?", "Which shape is in the {p}?", "What is in the {p}?",
-              "Look at the {p}. What is there?", "Name the shape in the {p}.",
-              "Which object is in the {p}?", "What can be seen in the {p}?"),
-    "size": ("Is the {t} small or large?", "Is the {t} large or small?", "How big is the {t}?",
-             "Is the {s} small or large?", "How large is the {s}?",
-             "Look at the {s}. Is it small or large?", "Please say how big the {t} is."),
-    "existence": ("Is there {t}?", "Do you see {t}?", "Is there {t} in the picture?",
-                  "Can you spot {t}?", "Do you see {t} anywhere?", "Is there {t} somewhere?",
-                  "Look closely: is there {t}?", "Does the image show {t}?"),
-    "by_size": ("Which object is {z}?", "Which shape is {z}?", "Which one is {z}?",
-                "Point out the {z} object."),
-}
-HELDOUT_QUESTIONS = {
-    "colour": ("What color is the {s}?", "Which color does the {s} have?",
-               "Can you tell me what colour the {s} is?", "The {s} has which colour?"),
-    "count": ("What is the number of {n}s here?", "Tell me how many {n}s there are.",
-              "How many {n}s does this image show?", "Can you count the {n}s for me?"),
-    "position": ("Where is the {s} located?", "Tell me where the {t} is.",
-                 "In what part of the picture is the {t}?"),
-    "shape": ("What do you see in the {p}?", "Which object sits in the {p}?",
-              "Tell me what is in the {p}."),
-    "size": ("Is the {t} big or small?", "What size is the {t}?",
-             "Is the {t} a big one or a small one?"),
-    "existence": ("Does the picture contain {t}?", "Is {t} in this image?",
-                  "Can you find {t} here?", "Would I find {t} in this picture?"),
-    "by_size": ("What is the {z} object?", "Name the {z} shape."),
-}
-
-
 def _pick(options: Sequence[str], rng: random.Random) -> str:
     """One of `options`, drawing one number from `rng` however many there are, so that the
     trained and the held-out wordings (of different counts) ask about the same objects."""
@@ -274,10 +223,10 @@ def existence_answer(scene: Scene, colour: str, shape: str, rng: random.Random) 
     return f"The {shape}s are {_join(colours)}, so {verdict}."
 
 
-# Everyday words that no other training text uses (the US "color", "size", "number", "located",
-# "contain", "would"), in *statements* of one fact each, never in a question: the kind of
-# sentence a web-pretrained LLM like Vicuna has read millions of times. Only the LLM's final
-# phase reads them (`BuildConfig.final_steps`), so its tokenizer and first phase stay the same.
+# Everyday words of the held-out wordings (the US "color", "located", "contain", and "size",
+# "number", "would"), in *statements* of one fact each, never in a question: the kind of sentence
+# a web-pretrained LLM like Vicuna has read millions of times. Only the `facts` form of the LLM's
+# final phase reads them (`BuildConfig.final_form_weights`; no share in the shipped recipe).
 _FACT_SENTENCES = {
     "colour": ("The color of the {s} is {c}.", "The {s} is {c} in color.",
                "The {s} has {ac} color."),
@@ -423,12 +372,14 @@ CAPTION_INSTRUCTIONS = ("Give a short caption for this image.", "Describe this i
 TASK_KINDS = ("detailed", "qa", "poem", "story", "caption")
 
 
-def sample_task(scene: Scene, rng: random.Random, kind: str) -> tuple[str, str]:
-    """One (instruction, answer) pair of the given register for `scene`, worded at random."""
+def sample_task(scene: Scene, rng: random.Random, kind: str,
+                questions: dict[str, tuple[str, ...]] = QUESTIONS) -> tuple[str, str]:
+    """One (instruction, answer) pair of the given register for `scene`, worded at random (a
+    question in one of `questions`' wordings)."""
     if kind == "detailed":
         return rng.choice(DETAILED_INSTRUCTIONS), detailed_description(scene, rng)
     if kind == "qa":
-        question, answer, _ = rng.choice(qa_pairs(scene, rng))
+        question, answer, _ = rng.choice(qa_pairs(scene, rng, questions=questions))
         return question, answer
     if kind == "poem":
         return rng.choice(POEM_INSTRUCTIONS), poem(scene, rng)
