@@ -126,7 +126,8 @@ def _final_note(b: dict) -> str:
     if not b.get("final_steps"):
         return ""
     weights = b["final_form_weights"]
-    facts = len(weights) > 8 and weights[8] > 0  # the `facts` form, ninth of `FORMS`
+    i = FORMS.index("facts")
+    facts = len(weights) > i and weights[i] > 0  # older reports list fewer forms
     return (f"\n  Then a final phase: {b['final_steps']} more steps with a fresh AdamW (peak lr"
             f" {b['final_lr']}, warmup + cosine) on the shares {', '.join(map(str, weights))}:"
             " the whole mix, its questions now also in four later wordings that the first phase"
