@@ -82,10 +82,11 @@ def main(argv=None) -> None:
             stage1 = stage1_projection(seed, args.stage1_from, Path(tmp))
             for lr in args.lrs:
                 results[(lr, seed)] = stage2_result(stage1, seed, lr, scenes, Path(tmp))
-    n = results[next(iter(results))]["qa"]["n"]
+    n, s2 = results[next(iter(results))]["qa"]["n"], recipe("tiny-stage2")
     body = f"""## Stage 2's learning rate (`benchmarks/stage2_lr.py`)
 
-Stage 2 (`tiny-stage2`, 400 steps) from the same stage-1 projection at each peak learning rate;
+Stage 2 (`tiny-stage2`, {s2.steps} steps, pools of {s2.bucket}) from the same stage-1 projection
+at each peak learning rate;
 {n} questions on 200 held-out scenes (every kind about every scene, strict), held-out wordings,
 and the exact cell of each object the detailed descriptions name. The shipped recipe's peak is
 4e-3 (2e-3 until 2026-11-30).

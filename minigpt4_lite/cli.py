@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, help="override the peak learning rate")
     p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"))
-    p.add_argument("--bucket", type=int, help="batches per length-sorted pool (default 1: random "
-                   "batches, as the paper; 8 is about 1.4x faster here, BENCHMARKS.md)")
+    p.add_argument("--bucket", type=int, help="batches per length-sorted pool (default: the "
+                   "recipe's, 8 for tiny, 1 = random batches for paper; BENCHMARKS.md)")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the frozen LLM for the run (auto: runs long enough to "

@@ -57,17 +57,19 @@ def demo_table(stage1: dict, stage2: dict) -> str:
 
 
 def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
-             n_train: int = 5000, device: str = "cpu", bucket: int = 1) -> dict:
+             n_train: int = 5000, device: str = "cpu", bucket: int | None = None) -> dict:
     """Train stage 1 then stage 2 on ToyWorld, evaluate both, write `out/metrics.json`.
 
-    `bucket` > 1 trains on length-sorted pools of batches (`TrainConfig.bucket`)."""
+    `bucket`: batches per length-sorted pool (`TrainConfig.bucket`); None = the recipes' own (8),
+    1 = independent random batches."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch.manual_seed(seed)  # the untrained projection's initialisation
     model = load_model(preset("tiny"), device=device, projection="")
+    pools = {} if bucket is None else {"bucket": bucket}
     train(model, ToyWorldDataset(1, n_train, seed=seed),
-          recipe("tiny-stage1", seed=seed, out_dir=str(out / "stage1"), bucket=bucket),
+          recipe("tiny-stage1", seed=seed, out_dir=str(out / "stage1"), **pools),
           resume=False)
     t1 = time.time()
     scenes = tw.make_scenes("heldout", n_eval)
@@ -75,7 +77,7 @@ def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
     stage1 = evaluate(model, scenes, features=features, registers=STAGE1_REGISTERS)
     t2 = time.time()
     train(model, ToyWorldDataset(2, n_train, seed=seed),
-          recipe("tiny-stage2", seed=seed, out_dir=str(out / "stage2"), bucket=bucket),
+          recipe("tiny-stage2", seed=seed, out_dir=str(out / "stage2"), **pools),
           resume=False)
     t3 = time.time()
     # stage 2 also answers questions worded as no training text words them, and a follow-up
@@ -85,7 +87,8 @@ def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
         "seconds": {"stage1": round(t1 - t0, 1), "stage2": round(t3 - t2, 1),
                     "eval": round((t2 - t1) + (t4 - t3), 1), "total": round(t4 - t0, 1)},
         "stage1": stage1, "stage2": stage2, "n_eval": n_eval, "seed": seed,
-        "device": device, "torch_threads": torch.get_num_threads(), "bucket": bucket,
+        "device": device, "torch_threads": torch.get_num_threads(),
+        "bucket": recipe("tiny-stage2", **pools).bucket,
     }
     metrics["table"] = demo_table(stage1, stage2)
     metrics["targets"] = demo_targets(metrics)

@@ -133,3 +133,25 @@ def test_stage1_data_sentence_follows_the_rows():
                         "stage-1 data 100%": base}, n_train=5000)["Stage-1 data"]
     assert "is worse than the one aligned on 10%" in flat and "differs" in flat
     assert "Commentary, not measured" in flat and "500 scenes" in flat
+
+
+@needs_assets
+def test_demo_draws_the_recipes_pools_unless_told(tmp_path, monkeypatch):
+    """`run_demo` trains with the tiny recipes' length-sorted pools (8 batches) by default, with
+    random batches when asked (`bucket=1`), and records which in metrics.json."""
+    from minigpt4_lite import pipeline
+
+    real, seen = pipeline.recipe, []
+
+    def short(name, **kw):  # the demo's own recipes, two steps of four samples each
+        cfg = real(name, steps=2, batch_size=4, **kw)
+        seen.append((name, cfg.bucket))
+        return cfg
+
+    monkeypatch.setattr(pipeline, "recipe", short)
+    metrics = pipeline.run_demo(tmp_path / "pools", n_eval=2, n_train=16)
+    assert seen[:2] == [("tiny-stage1", 8), ("tiny-stage2", 8)] and metrics["bucket"] == 8
+    seen.clear()
+    metrics = pipeline.run_demo(tmp_path / "random", n_eval=2, n_train=16, bucket=1)
+    assert seen[:2] == [("tiny-stage1", 1), ("tiny-stage2", 1)] and metrics["bucket"] == 1
+    assert json.loads((tmp_path / "random" / "metrics.json").read_text())["bucket"] == 1

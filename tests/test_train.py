@@ -101,6 +101,11 @@ def test_changed_config_is_checked_again_by_train(model):
 def test_recipe_with_fewer_steps_keeps_its_share_of_warmup():
     tiny = RECIPES["tiny-stage1"]
     assert (tiny.steps, tiny.warmup_steps) == (800, 50)
+    # the demo's stage 2: twice the steps, paid for by length-sorted pools in both tiny stages;
+    # the paper's recipes draw independent random batches, as the official runner
+    assert (RECIPES["tiny-stage2"].steps, RECIPES["tiny-stage2"].warmup_steps) == (800, 30)
+    assert tiny.bucket == RECIPES["tiny-stage2"].bucket == 8
+    assert RECIPES["paper-stage1"].bucket == RECIPES["paper-stage2"].bucket == 1
     assert recipe("tiny-stage1", steps=80).warmup_steps == 5
     assert recipe("tiny-stage1", steps=4).warmup_steps == 0  # a 4-step smoke run: no warmup
     assert recipe("tiny-stage1", steps=800).warmup_steps == 50  # the recipe itself: unchanged
