@@ -67,18 +67,16 @@ def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
     t0 = time.time()
     torch.manual_seed(seed)  # the untrained projection's initialisation
     model = load_model(preset("tiny"), device=device, projection="")
-    pools = {} if bucket is None else {"bucket": bucket}
-    train(model, ToyWorldDataset(1, n_train, seed=seed),
-          recipe("tiny-stage1", seed=seed, out_dir=str(out / "stage1"), **pools),
-          resume=False)
+    pools = {} if bucket is None else {"bucket": bucket}  # None: the recipes' own pools
+    stage1_cfg, stage2_cfg = (recipe(f"tiny-stage{n}", seed=seed, out_dir=str(out / f"stage{n}"),
+                                     **pools) for n in (1, 2))
+    train(model, ToyWorldDataset(1, n_train, seed=seed), stage1_cfg, resume=False)
     t1 = time.time()
     scenes = tw.make_scenes("heldout", n_eval)
     features = scene_features(model, scenes)
     stage1 = evaluate(model, scenes, features=features, registers=STAGE1_REGISTERS)
     t2 = time.time()
-    train(model, ToyWorldDataset(2, n_train, seed=seed),
-          recipe("tiny-stage2", seed=seed, out_dir=str(out / "stage2"), **pools),
-          resume=False)
+    train(model, ToyWorldDataset(2, n_train, seed=seed), stage2_cfg, resume=False)
     t3 = time.time()
     # stage 2 also answers questions worded as no training text words them, and a follow-up
     stage2 = evaluate(model, scenes, features=features, registers=STAGE2_REGISTERS)
@@ -87,8 +85,7 @@ def run_demo(out: str | Path = "runs/demo", n_eval: int = 200, seed: int = 42,
         "seconds": {"stage1": round(t1 - t0, 1), "stage2": round(t3 - t2, 1),
                     "eval": round((t2 - t1) + (t4 - t3), 1), "total": round(t4 - t0, 1)},
         "stage1": stage1, "stage2": stage2, "n_eval": n_eval, "seed": seed,
-        "device": device, "torch_threads": torch.get_num_threads(),
-        "bucket": recipe("tiny-stage2", **pools).bucket,
+        "device": device, "torch_threads": torch.get_num_threads(), "bucket": stage2_cfg.bucket,
     }
     metrics["table"] = demo_table(stage1, stage2)
     metrics["targets"] = demo_targets(metrics)

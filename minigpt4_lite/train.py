@@ -66,7 +66,7 @@ class TrainConfig:
     # the one-time compile pays for itself (`should_compile`)
     compile: bool | None = None
     # Batches drawn in pools of `bucket`, sorted by length (`speed.bucketed`, the idea of
-    # transformers' `group_by_length`): less padding, about 1.4x faster steps on ToyWorld
+    # transformers' `group_by_length`): less padding, 1.3-1.4x faster steps on ToyWorld
     # (BENCHMARKS.md "Length-bucketed batches"). 1 = independent random batches, as the official
     # runner draws them; the tiny recipes use pools of 8 and spend the time saved on stage 2.
     bucket: int = 1
