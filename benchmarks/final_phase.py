@@ -32,6 +32,7 @@ from minigpt4_lite import toyworld as tw
 from minigpt4_lite.checkpoints import load_model
 from minigpt4_lite.config import preset
 from minigpt4_lite.evaluate import QA_KINDS, answer_correct, qa_items, slot_ceiling
+from minigpt4_lite.toyworld.questions import wording_pattern
 from minigpt4_lite.toyworld.recipe import FORMS, BuildConfig
 
 NAME = "final_phase"
@@ -99,11 +100,10 @@ def table(results: dict) -> str:
 def by_wording(scenes, answers: list[str]) -> dict[str, float]:
     """The share of right answers per held-out wording (`qa_items`' order of `qa_heldout`)."""
     items = qa_items(scenes, every_kind=True, questions=tw.HELDOUT_QUESTIONS)
-    patterns = {w: "^" + re.sub(r"\\\{\w\\\}", r"[\\w ]+?", re.escape(w)) + "$"
-                for ws in tw.HELDOUT_QUESTIONS.values() for w in ws}
+    patterns = {w: wording_pattern(w) for ws in tw.HELDOUT_QUESTIONS.values() for w in ws}
     right: dict[str, list[bool]] = {}
     for item, answer in zip(items, answers, strict=True):
-        wording = next(w for w, p in patterns.items() if re.match(p, item.question))
+        wording = next(w for w, p in patterns.items() if re.fullmatch(p, item.question))
         right.setdefault(wording, []).append(answer_correct(answer, item.key))
     return {w: sum(r) / len(r) for w, r in right.items()}
 

@@ -21,6 +21,7 @@ from minigpt4_lite.evaluate import (
     table3,
 )
 from minigpt4_lite.prompts import CONV_VISION
+from minigpt4_lite.toyworld.questions import wording_pattern
 from minigpt4_lite.toyworld.recipe import FORMS, BuildConfig
 
 SCENE = tw.make_scenes("heldout", 1)[0]  # a large orange star (top centre), a large black cross
@@ -160,7 +161,7 @@ def test_heldout_questions_ask_the_same_things_in_wordings_no_training_text_uses
     assert all(a.question != b.question for a, b in zip(trained, heldout))
     templates = [t for ts in tw.HELDOUT_QUESTIONS.values() for t in ts]
     # each wording as a pattern: its slots ("{s}", "{t}"...) match any words
-    patterns = [re.sub(r"\\\{\w\\\}", r"[\\w ]+?", re.escape(t)) for t in templates]
+    patterns = [wording_pattern(t) for t in templates]
     assert not {t for ts in tw.QUESTIONS.values() for t in ts} & set(templates)
     rng = random.Random(0)
     train = tw.make_scenes("train", 300)
@@ -197,7 +198,7 @@ def test_later_wordings_are_read_in_the_final_phase_only():
     assert {k: tuple(w for w in ws if w not in LATER_WORDINGS) for k, ws in tw.QUESTIONS.items()
             } == tw.FIRST_PHASE_QUESTIONS and len(LATER_WORDINGS) == 4
     assert LATER_WORDINGS < {w for ws in tw.QUESTIONS.values() for w in ws}
-    later = [re.sub(r"\\\{\w\\\}", r"[\\w ]+?", re.escape(t)) for t in LATER_WORDINGS]
+    later = [wording_pattern(t) for t in LATER_WORDINGS]
     rng, train, tok = random.Random(1), tw.make_scenes("train", 300), tiny_tokenizer()
     decode = lambda items: [tok.decode([i for i in ex.ids if i >= 0]) for ex, _ in items]  # noqa
     qa_heavy = (0, 10, 10, 10, 70, 0)

@@ -18,6 +18,7 @@ import math
 import textwrap
 from pathlib import Path
 
+from .questions import LATER_WORDINGS
 from .recipe import FORM_WEIGHTS, FORMS, PLAIN
 
 CARD_EXCLUDED = ("README.md",)  # the card does not list itself
@@ -128,12 +129,12 @@ def _final_note(b: dict) -> str:
     weights = b["final_form_weights"]
     i = FORMS.index("facts")
     facts = len(weights) > i and weights[i] > 0  # older reports list fewer forms
+    examples = ", ".join(f'"{w.format(n="shape", s="star", t="a red star")}"'
+                         for w in sorted(LATER_WORDINGS))
     return (f"\n  Then a final phase: {b['final_steps']} more steps with a fresh AdamW (peak lr"
             f" {b['final_lr']}, warmup + cosine) on the shares {', '.join(map(str, weights))}:"
             " the whole mix, its questions now also in four later wordings that the first phase"
-            " and the tokenizer never read (`questions.LATER_WORDINGS`: \"Give the number of"
-            " shapes in the picture.\", \"Tell me the size of the star.\", \"Would you see a red"
-            " star in the image?\", \"Is it possible to find a red star in the image?\"), so"
+            f" and the tokenizer never read (`questions.LATER_WORDINGS`: {examples}), so"
             " that it learns the words \"number\", \"size\", \"would\" and \"find\" in a"
             " question, as Vicuna learned them on the web"
             + (", and detailed descriptions that end with two facts in everyday words"

@@ -20,6 +20,8 @@ its tokenizer draw exactly what they drew before (docs/asset_history.md, "Four m
 
 from __future__ import annotations
 
+import re
+
 QUESTIONS = {
     "colour": ("What colour is the {s}?", "Which colour is the {s}?",
                "What is the colour of the {s}?", "Tell me the colour of the {s}.",
@@ -70,3 +72,9 @@ HELDOUT_QUESTIONS = {
                   "Can you find {t} here?", "Would I find {t} in this picture?"),
     "by_size": ("What is the {z} object?", "Name the {z} shape."),
 }
+
+
+def wording_pattern(wording: str) -> str:
+    """A regular expression for the questions of `wording`: its slots (`{s}`, `{t}`...) match any
+    words, the rest only itself. Finds a wording in a text, or the wording of a question."""
+    return re.sub(r"\\\{\w\\\}", r"[\\w ]+?", re.escape(wording))
