@@ -267,6 +267,9 @@ def test_model_card_states_a_lookup_phase_only_where_the_build_had_one(tmp_path)
     assert "`questions.LATER_WORDINGS`" in card and "`language.fact_sentences`" in card
     plain = card_of(final_form_weights=[5, 15, 40, 0, 0, 0, 0, 0, 0])  # the rest as above
     assert "`questions.LATER_WORDINGS`" in plain and "fact_sentences" not in plain
+    assert "cell_drill" not in plain
+    lookups = card_of(final_form_weights=[5, 15, 40, 15, 15, 10, 0, 0, 0, 5, 5])
+    assert "`language.cell_drill`" in lookups and "fact_sentences" not in lookups
 
 
 def test_model_card_states_the_llm_seed_and_the_existence_answers_of_its_build(tmp_path):
@@ -517,6 +520,42 @@ def test_colour_chat_asks_only_true_colours_of_objects_named_by_shape(tiny):
             assert "colour" in question and answer.endswith(f" {obj.colour}.")
             assert not any(c in answer for c in tw.COLOURS if c != obj.colour)
     assert fallback < len(scenes) // 4
+
+
+def test_cell_drill_names_the_object_of_an_occupied_cell(tiny):
+    """`cell_drill`: `[BOS] <Img>[slots]</Img> middle right:` then the object in that cell of
+    that very scene (size, colour, shape) and a newline, only the object supervised."""
+    tok, n_img = tiny.tokenizer, tiny.cfg.num_visual_tokens
+    scenes = tw.make_scenes("heldout", 40)
+    only = tuple(int(f == "cell_drill") for f in FORMS)
+    for (example, kept), scene in zip(llm_examples(tok, scenes, random.Random(0), only), scenes):
+        assert kept is scene
+        n_prompt = example.labels.index(next(x for x in example.labels if x != IGNORE_INDEX))
+        assert example.labels[n_prompt:] == example.ids[n_prompt:]
+        key = tok.decode(example.ids[3 + n_img:n_prompt]).strip().removesuffix(":")
+        value = tok.decode(example.ids[n_prompt:])
+        assert value.endswith("\n")
+        (obj,) = [o for o in scene.objects if tw.cell_phrase(o.cell) == key]
+        assert value.strip() == f"{obj.size} {obj.colour} {obj.shape}"
+
+
+def test_shape_chat_asks_only_what_is_in_occupied_cells(tiny):
+    """`shape_chat`: a chat of the questions of the kind "shape" (`evaluate.qa_kind`): what is in
+    a cell, or which object is the only small or large one; every answer names that object."""
+    tok = tiny.tokenizer
+    only = tuple(int(f == "shape_chat") for f in FORMS)
+    scenes = tw.make_scenes("heldout", 40)
+    for (example, kept), scene in zip(llm_examples(tok, scenes, random.Random(0), only), scenes):
+        assert kept is scene
+        text = tok.decode([t for t in example.ids if t >= 0], skip_special_tokens=False)
+        turns = re.findall(r"###Human: (?:<Img></Img> )?(.*?)###Assistant: (.*?)(?=###)", text)
+        assert turns  # a scene has one such question (`qa_pairs`)
+        for question, answer in turns:
+            (obj,) = [o for o in scene.objects  # "the center" is not in "the bottom center"
+                      if re.search(rf"\bthe {tw.cell_phrase(o.cell)}\b", question)
+                      or re.search(rf"\b{o.size}\b", question)
+                      and sum(p.size == o.size for p in scene.objects) == 1]
+            assert f"{obj.colour} {obj.shape}" in answer
 
 
 def test_facts_form_is_a_description_in_the_chat_ending_with_two_true_facts(tiny):

@@ -55,6 +55,7 @@ from .language import (
     QUESTIONS,
     TASK_KINDS,
     caption,
+    cell_drill,
     fact_sentences,
     lookup_drill,
     qa_pairs,
@@ -76,6 +77,7 @@ from .world import Scene
 ADDED_TOKENS = ("###", "<Img>", "</Img>", "Human:", "Assistant:")
 QA_TURNS = (3, 6)  # questions per `qa_chat` dialogue
 LOOKUP_KINDS = ("colour",)  # the questions of a `colour_chat` dialogue
+CHAT_KINDS = {"colour_chat": LOOKUP_KINDS, "shape_chat": ("shape",)}  # form -> its questions
 
 
 # --- 1. tokenizer -------------------------------------------------------------------------------
@@ -123,8 +125,8 @@ def llm_example(scene: Scene, rng: random.Random, form: str, kind_weights=KIND_W
         return "", caption(scene, rng), END_SYM[1], False
     if form == "slot_caption":  # stage 1's layout, `[BOS] [slots] caption\n`, as in its data
         return None, clean_caption(caption(scene, rng)), END_SYM[1], True
-    if form == "drill":  # a terse lookup, `[BOS] <Img>[slots]</Img> star: red\n`
-        key, value = lookup_drill(scene, rng)
+    if form in ("drill", "cell_drill"):  # a terse lookup, `[BOS] <Img>[slots]</Img> star: red\n`
+        key, value = (lookup_drill if form == "drill" else cell_drill)(scene, rng)
         return f"{IMAGE_MESSAGE} {key}:", " " + value, END_SYM[1], True
     if form == "facts":  # a detailed description, then two facts in everyday words (the chat)
         instruction, answer = sample_task(scene, rng, "detailed")
@@ -154,7 +156,7 @@ def qa_dialogue(tokenizer, scene: Scene, rng: random.Random, kinds: tuple[str, .
     the star is) several times per sequence, at little extra length. The later turns continue the
     chat's layout (`...###Human: q###Assistant: a###`): each is one more `build_example`, without
     BOS, whose answer carries the loss, appended to the first. `kinds`: only questions of these
-    kinds (`evaluate.qa_kind`), where the scene has any (`colour_chat`: `LOOKUP_KINDS`).
+    kinds (`evaluate.qa_kind`), where the scene has any (the chat forms: `CHAT_KINDS`).
     """
     pairs = qa_pairs(scene, rng, questions=questions)
     if kinds and any(qa_kind(key) in kinds for _, _, key in pairs):
@@ -188,8 +190,8 @@ def llm_examples(tokenizer, scenes: list[Scene], rng: random.Random, form_weight
     items = []
     for scene in scenes:
         form = rng.choices(FORMS, weights=form_weights)[0]
-        if form in ("qa_chat", "colour_chat"):
-            kinds = LOOKUP_KINDS if form == "colour_chat" else ()
+        if form in ("qa_chat", *CHAT_KINDS):
+            kinds = CHAT_KINDS.get(form, ())
             items.append((qa_dialogue(tokenizer, scene, rng, kinds, questions), scene))
             continue
         prompt, answer, end_sym, uses_slots = llm_example(scene, rng, form, kind_weights,

@@ -127,8 +127,8 @@ def _final_note(b: dict) -> str:
     if not b.get("final_steps"):
         return ""
     weights = b["final_form_weights"]
-    i = FORMS.index("facts")
-    facts = len(weights) > i and weights[i] > 0  # older reports list fewer forms
+    facts = _share(weights, "facts") > 0
+    lookups = [f for f in ("cell_drill", "shape_chat") if _share(weights, f)]
     examples = ", ".join(f'"{w.format(n="shape", s="star", t="a red star")}"'
                          for w in sorted(LATER_WORDINGS))
     return (f"\n  Then a final phase: {b['final_steps']} more steps with a fresh AdamW (peak lr"
@@ -139,7 +139,19 @@ def _final_note(b: dict) -> str:
             " question, as Vicuna learned them on the web"
             + (", and detailed descriptions that end with two facts in everyday words"
                " (`language.fact_sentences`: \"The color of the star is red.\")." if facts
-               else "."))
+               else ".")
+            + (" It also read what is in a cell, asked alone (terse lookups of a cell,"
+               " `<Img>[slots]</Img> middle right: small green circle`, `language.cell_drill`;"
+               " chats of \"What is in the middle right?\" and \"Which object is small?\"):"
+               " from exact slots the LLM"
+               " most often answered with the object of another cell in the same row."
+               if lookups else ""))
+
+
+def _share(weights, form: str) -> int:
+    """A form's weight in `weights` (0 where an older report lists fewer forms)."""
+    i = FORMS.index(form)
+    return weights[i] if i < len(weights) else 0
 
 
 def _existence_note(report: dict) -> str:
@@ -161,8 +173,7 @@ def _seed_note(b: dict) -> str:
 
 def _form_notes(b: dict) -> str:
     weights = b.get("form_weights", FORM_WEIGHTS)  # reports older than a form have fewer weights
-    return "".join(f"\n  {note}" for form, note in FORM_NOTES.items()
-                   if FORMS.index(form) < len(weights) and weights[FORMS.index(form)])
+    return "".join(f"\n  {note}" for form, note in FORM_NOTES.items() if _share(weights, form))
 
 
 def _scoring_note(llm: dict) -> str:

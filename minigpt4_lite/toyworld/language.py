@@ -273,6 +273,19 @@ def lookup_drill(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return (o.name, cell_phrase(o.cell)) if roll < 0.75 else (o.name, o.size)
 
 
+def cell_drill(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A terse lookup the other way round: a cell -> its object ("middle right" -> "small green
+    circle"), about a random occupied cell.
+
+    Asked "What is in the middle right?", the LLM must find the one slot that holds both cell
+    words; from exact slots it most often answered with the object of another cell in the same
+    row. Laid out like `lookup_drill` (`<Img>[slots]</Img> middle right: small green circle`),
+    the cell is the whole question and the object the whole answer (docs/asset_history.md).
+    """
+    o = _shuffled(scene, rng)[0]
+    return cell_phrase(o.cell), f"{o.size} {o.colour} {o.shape}"
+
+
 def poem(scene: Scene, rng: random.Random) -> str:
     """A four-line poem naming every object as "<colour> <shape>".
 

@@ -27,7 +27,7 @@ from ..errors import TrainingError
 # 1's own layout) make stage 1's alignment reliable, and detailed descriptions as 45% of the
 # registers (instead of 30%) gave the LLM that describes scenes best from exact slot vectors.
 FORMS = ("caption", "words", "slots", "chat", "qa_chat", "slot_caption", "drill", "colour_chat",
-         "facts")
+         "facts", "cell_drill", "shape_chat")
 FORM_WEIGHTS = (5, 15, 40, 15, 15, 10, 0)
 KIND_WEIGHTS = (45, 20, 10, 10, 15)
 
