@@ -128,7 +128,7 @@ def _final_note(b: dict) -> str:
         return ""
     weights = b["final_form_weights"]
     facts = _share(weights, "facts") > 0
-    lookups = [f for f in ("cell_drill", "shape_chat") if _share(weights, f)]
+    lookups = any(_share(weights, f) for f in ("cell_drill", "shape_chat"))
     examples = ", ".join(f'"{w.format(n="shape", s="star", t="a red star")}"'
                          for w in sorted(LATER_WORDINGS))
     return (f"\n  Then a final phase: {b['final_steps']} more steps with a fresh AdamW (peak lr"
@@ -143,8 +143,8 @@ def _final_note(b: dict) -> str:
             + (" It also read what is in a cell, asked alone (terse lookups of a cell,"
                " `<Img>[slots]</Img> middle right: small green circle`, `language.cell_drill`;"
                " chats of \"What is in the middle right?\" and \"Which object is small?\"):"
-               " from exact slots the LLM"
-               " most often answered with the object of another cell in the same row."
+               " from exact slots the LLM most often answered with the object of another cell in"
+               " the same row."
                if lookups else ""))
 
 

@@ -104,7 +104,9 @@ class BuildConfig:
     # Q&A 91.8% -> 92.6%, held-out wordings 75.5% -> 88.5%; through the demo's projections
     # (seeds 42-44) held-out wordings 73.5-75% -> 83-86%. Descriptions that state facts in the
     # held-out wordings' words (the `facts` form, last weight) lifted position from exact slots
-    # but held-out wordings less (85.4%), so the shipped phase has none of them (weight 0).
+    # but held-out wordings less (85.4%), so the shipped phase has none of them (weight 0). The
+    # last two forms (`cell_drill`, `shape_chat`: what is in a cell, asked alone) lift the shape
+    # at a cell (docs/asset_history.md, "The shape at a cell"); not shipped yet (weight 0).
     final_steps: int = 600
     final_lr: float = 3e-4
     final_form_weights: tuple[int, ...] = (5, 15, 40, 15, 15, 10, 0, 0, 0)
