@@ -1,15 +1,16 @@
-"""The LLM's final phase: what a short, low-learning-rate phase after the pretraining adds.
+"""The LLM's final phase: what a phase with a fresh optimizer after the pretraining adds.
 
-`BuildConfig.final_steps`: after its 4,000 steps the tiny LLM trains 600 more with a fresh AdamW
-at a low peak learning rate, on the whole mix, its questions now also in the four later wordings
-that the first phase never reads (`questions.LATER_WORDINGS`); optionally also on detailed
-descriptions that state facts in everyday words (`language.fact_sentences`, the `facts` form).
-This script starts each variant from the same LLM of the first phase (`--from`) and measures
-each result from exact slot vectors (`evaluate.slot_ceiling`: every kind of question about each
-of 200 held-out scenes, strict scoring, in the trained wordings, the held-out ones and as a
-follow-up), with the accuracy of each held-out wording.
+`BuildConfig.final_steps`: after its 4,000 steps the tiny LLM trains 1,500 more with a fresh
+AdamW at a peak of 6e-4, on the whole mix, its questions now also in the four later wordings that
+the first phase never reads (`questions.LATER_WORDINGS`), plus terse lookups of a cell and chats
+of "shape" questions (the `cell_drill` and `shape_chat` forms, 5 shares each). The first version
+of the phase (600 steps at 3e-4, the whole mix only) is a variant, and so is the shipped one
+without the lookups of a cell. This script starts each variant from the same LLM of the first
+phase (`--from`) and measures each result from exact slot vectors (`evaluate.slot_ceiling`:
+every kind of question about each of 200 held-out scenes, strict scoring, in the trained
+wordings, the held-out ones and as a follow-up), with the accuracy of each held-out wording.
 
-    python benchmarks/final_phase.py --from runs/llm_first_phase   # 3 variants, ~20 min
+    python benchmarks/final_phase.py --from runs/llm_first_phase   # 4 variants, ~30 min
 
 `--from DIR`: an LLM folder after the first phase (the shipped build's first 4,000 steps, e.g.
 `build_llm.pretrain_llm` with `final_steps=0`). Without it that LLM is built first (about 22
@@ -37,11 +38,15 @@ from minigpt4_lite.toyworld.recipe import FORMS, BuildConfig
 
 NAME = "final_phase"
 SHIPPED = BuildConfig()
-FACTS = tuple(15 if f == "facts" else w for f, w in zip(FORMS, SHIPPED.final_form_weights))
+# the shipped mix without the two lookups of a cell (`cell_drill`, `shape_chat`)
+WHOLE_MIX = tuple(0 if f in ("cell_drill", "shape_chat") else w
+                  for f, w in zip(FORMS, SHIPPED.final_form_weights))
 VARIANTS = {  # name -> BuildConfig overrides of the final phase
     "none (the first phase alone)": {"final_steps": 0},
-    "600 steps at 3e-4 (the shipped build)": {},
-    "600 steps at 3e-4, facts": {"final_form_weights": FACTS},
+    "600 steps at 3e-4 (shipped until 2026-12-01)": {"final_steps": 600, "final_lr": 3e-4,
+                                                     "final_form_weights": WHOLE_MIX},
+    "1,500 steps at 6e-4, the whole mix": {"final_form_weights": WHOLE_MIX},
+    "1,500 steps at 6e-4 + cell lookups (shipped)": {},
 }
 
 
@@ -137,12 +142,13 @@ def main(argv=None) -> None:
     body = f"""## The LLM's final phase (`benchmarks/final_phase.py`)
 
 Each variant continues the same LLM (the shipped build's first phase: 4,000 steps) with a
-fresh AdamW, warmup + cosine, 600 steps whose questions also take the four later wordings
+fresh AdamW, warmup + cosine, whose questions also take the four later wordings
 (`questions.LATER_WORDINGS`), and is measured from exact slot vectors (`slot_ceiling`): {n}
 questions on 200 held-out scenes (every kind about every scene, strict), in the held-out wordings
 and as a follow-up in the same chat; detailed descriptions and captions (stage-1 layout) on the
-same scenes. "Facts": 15 shares of descriptions that end with two statements in the held-out
-wordings' words (`language.fact_sentences`). The shipped build is the second row.
+same scenes. "Cell lookups": 5 shares each of terse lookups of a cell (`<Img>[slots]</Img>
+middle right: small green circle`) and of chats of "shape" questions ("What is in the middle
+right?"), the question the LLM missed most. The shipped build is the last row.
 
 {table(results)}
 

@@ -112,8 +112,9 @@ frozen-feature cache on, eager) on the demo recipes' ToyWorld batches: random ba
 draws them (padded to their longest member) vs the same kind of draw in pools of {pool} batches
 sorted by length (`speed.bucketed`), interleaved, median of the rounds. The tiny recipes use
 pools of 8 (`TrainConfig.bucket`; `train --bucket 1` draws random batches again): measured over
-the demo's three seeds, every quality target held with them, and the time they save pays for
-stage 2's 800 steps ("The demo over 3 seeds"; docs/asset_history.md, "Stage 2 twice as long").
+the demo's three seeds (with the assets of 2026-12-01 morning), every quality target held with
+them, and the time they save pays for stage 2's 800 steps ("The demo over 3 seeds";
+docs/asset_history.md, "Stage 2 twice as long").
 
 {chr(10).join(rows)}
 

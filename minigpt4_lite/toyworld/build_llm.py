@@ -9,8 +9,8 @@ pretrained here, on *text only*, deterministically from a seed:
 2. `pretrain_llm`: a `LlamaForCausalLM` trained on captions and on dialogues in every register
    (`llm_examples`), with the scene given in words or as slot vectors (`slots`): the skill of
    reading a scene from input vectors, without ever seeing a pixel (on one CPU thread; then a
-   short final phase at a low learning rate, `BuildConfig.final_steps`, whose questions also
-   take the later wordings, `questions.LATER_WORDINGS`);
+   final phase with a fresh optimizer, `BuildConfig.final_steps`, whose questions also take the
+   later wordings, `questions.LATER_WORDINGS`, and which adds lookups of a cell);
 3. `llm_heldout_metrics`: its held-out perplexity and greedy Q&A accuracy (model card).
 
 Every sequence is laid out by `prompts.build_example` / `prompts.collate`, the very code that
@@ -253,9 +253,10 @@ def pretrain_llm(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None)
 
     Two phases, each with its own AdamW and its own warmup + cosine: the pretraining proper
     (`llm_steps` at `llm_lr`, the lookup phase first; questions in `FIRST_PHASE_QUESTIONS`),
-    then, where `cfg.final_steps`, a short final phase at a low learning rate (`final_lr`) on
+    then, where `cfg.final_steps`, a final phase with a fresh AdamW (`final_lr`) on
     `final_form_weights` and every trained wording (`QUESTIONS`), which adds what the LLM should
-    also know (the later wordings' words) without unlearning what the first phase taught.
+    also know (the later wordings' words; what is in a cell) without unlearning what the first
+    phase taught.
     `on_step(steps_done, llm)`, if given, runs after every step of the first phase (the
     benchmarks measure the LLM while it learns); it returns True to stop there.
     """
