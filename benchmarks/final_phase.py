@@ -83,7 +83,7 @@ def finish(first: str, overrides: dict, out: Path) -> str:
     # the seed of the build's own final phase (`pretrain_llm`): the LLM's seed + 1
     train_llm(llm, cfg, tokenizer, tw.make_scenes("train", cfg.n_train_scenes),
               cfg.steps(cfg.final_steps), cfg.final_lr, lambda step: cfg.final_form_weights,
-              cfg.seed_of_llm() + 1, "final phase")
+              cfg.seed_of_llm() + 1, "final phase", slot_noise=cfg.final_slot_noise)
     llm.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)

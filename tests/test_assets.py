@@ -268,8 +268,12 @@ def test_model_card_states_a_lookup_phase_only_where_the_build_had_one(tmp_path)
     plain = card_of(final_form_weights=[5, 15, 40, 0, 0, 0, 0, 0, 0])  # the rest as above
     assert "`questions.LATER_WORDINGS`" in plain and "fact_sentences" not in plain
     assert "cell_drill" not in plain
-    lookups = card_of(final_form_weights=[5, 15, 40, 15, 15, 10, 0, 0, 0, 5, 5])
+    lookups = card_of(final_form_weights=[5, 15, 40, 15, 15, 10, 0, 0, 0, 5, 5], slot_noise=0.5,
+                      final_slot_noise=0.5)
     assert "`language.cell_drill`" in lookups and "fact_sentences" not in lookups
+    assert "carried more noise" not in lookups  # the final phase's noise is the first's
+    noisier = card_of(slot_noise=0.5, final_slot_noise=1.0)
+    assert "carried more noise (1.0 x the embedding std instead of 0.5)" in noisier
 
 
 def test_model_card_states_the_llm_seed_and_the_existence_answers_of_its_build(tmp_path):
@@ -337,6 +341,8 @@ def test_default_build_config_is_the_shipped_recipe():
     if "final_steps" not in shipped:  # built before the setting existed: no final phase
         assert ours.pop("final_steps") == 0
         ours.pop("final_lr"), ours.pop("final_form_weights")
+    if "final_slot_noise" not in shipped:  # built before the setting existed: the first's noise
+        assert ours.pop("final_slot_noise") == ours["slot_noise"]
     assert ours == shipped
 
 
@@ -581,15 +587,22 @@ def test_facts_form_is_a_description_in_the_chat_ending_with_two_true_facts(tiny
 
 def test_final_phase_draws_its_own_forms_after_the_pretraining(tiny):
     """`final_steps` (scaled) more steps after the pretraining proper, drawing from
-    `final_form_weights`, with its own optimizer; a build without it (0) stops after the first."""
+    `final_form_weights`, with its own optimizer and its own slot noise (`final_slot_noise`); a
+    build without it (0) stops after the first."""
     from minigpt4_lite.toyworld import build_llm
 
     for final_steps in (1500, 0):
         cfg = BuildConfig(steps_scale=0.002, n_train_scenes=100, llm_batch=4, llm_bucket_pool=1,
                           compile=False, llm_attention="sdpa", lookup_steps=0,
-                          final_steps=final_steps)  # 8 steps, then 3 or none
-        drawn, optimizers = [], []
+                          final_steps=final_steps, slot_noise=0.5,
+                          final_slot_noise=1.0)  # 8 steps, then 3 or none
+        drawn, optimizers, noises = [], [], []
         real_examples, real_adamw = build_llm.llm_examples, torch.optim.AdamW
+        real_collate = build_llm.collate_with_slots
+
+        def collate(llm, tokenizer, slots, items, gen, noise):
+            noises.append(noise)
+            return real_collate(llm, tokenizer, slots, items, gen, noise)
 
         def spy(tokenizer, scenes, rng, form_weights, kind_weights, questions):
             drawn.append((tuple(form_weights), questions))
@@ -602,8 +615,10 @@ def test_final_phase_draws_its_own_forms_after_the_pretraining(tiny):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(build_llm, "llm_examples", spy)
             mp.setattr(torch.optim, "AdamW", adamw)
+            mp.setattr(build_llm, "collate_with_slots", collate)
             build_llm.pretrain_llm(cfg, tiny.tokenizer, tw.make_scenes("train", 100))
         n_final = cfg.steps(final_steps) if final_steps else 0
+        assert noises == [0.5] * 8 + [1.0] * n_final
         # the first phase asks in its own wordings, the final phase in every trained wording
         assert drawn == ([(cfg.form_weights, tw.FIRST_PHASE_QUESTIONS)] * 8
                          + [(cfg.final_form_weights, tw.QUESTIONS)] * n_final)

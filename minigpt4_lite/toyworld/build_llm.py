@@ -277,14 +277,18 @@ def _pretrain(cfg: BuildConfig, tokenizer, scenes: list[Scene], on_step=None):
                         FIRST_PHASE_QUESTIONS)
     if cfg.final_steps and not stopped:  # own seed: the first phase draws as it did without it
         train_llm(llm, cfg, tokenizer, scenes, cfg.steps(cfg.final_steps), cfg.final_lr,
-                  lambda step: cfg.final_form_weights, seed + 1, "LLM (final phase)")
+                  lambda step: cfg.final_form_weights, seed + 1, "LLM (final phase)",
+                  slot_noise=cfg.final_slot_noise)
     return llm.eval()
 
 
 def train_llm(llm, cfg: BuildConfig, tokenizer, scenes: list[Scene], total: int, lr: float,
-              weights_at, seed: int, desc: str, on_step=None, questions=QUESTIONS) -> bool:
+              weights_at, seed: int, desc: str, on_step=None, questions=QUESTIONS,
+              slot_noise: float | None = None) -> bool:
     """`total` steps of AdamW on batches of `llm_examples`, forms drawn from `weights_at(step)`,
-    questions in `questions`' wordings; True where `on_step` stopped it early."""
+    questions in `questions`' wordings, slot vectors with noise of std `slot_noise` (default
+    `cfg.slot_noise`); True where `on_step` stopped it early."""
+    noise = cfg.slot_noise if slot_noise is None else slot_noise
     slots = SlotEncoder(tokenizer)
     emb = llm.get_input_embeddings()
     pinned = None  # (token ids, rows) of slot words held fixed: `BuildConfig.slot_word_norm`
@@ -315,7 +319,7 @@ def train_llm(llm, cfg: BuildConfig, tokenizer, scenes: list[Scene], total: int,
             queue = bucketed(drawn, cfg.llm_batch, rng)
             per_batch = pool_tokens_per_batch(queue)
         items = queue.pop()
-        batch = collate_with_slots(llm, tokenizer, slots, items, gen, cfg.slot_noise)
+        batch = collate_with_slots(llm, tokenizer, slots, items, gen, noise)
         with build_autocast(cfg):
             loss = llm(inputs_embeds=batch["inputs_embeds"],
                        attention_mask=batch["attention_mask"].to(cfg.device),
