@@ -7,8 +7,10 @@ each of `pipeline.DEMO_TARGETS` holds for every seed.
 
     python benchmarks/demo_seeds.py --seeds 42 43 44 --out runs/demo_seeds
 
-Writes the table into BENCHMARKS.md between the `demo_seeds` markers. Seed 42's run is the
-`demo` default; its projections are the reference ones in assets/projections.
+Writes the table into BENCHMARKS.md between the `demo_seeds` markers (`--section NAME`: other
+markers, e.g. for another kind of CPU, so that one machine's table does not replace another's).
+Seed 42's run is the `demo` default; its projections are the reference ones in
+assets/projections.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --reuse: evaluate the runs found in --out again (no training)")
     harness.add_output_args(p)
     p.add_argument("--note", default="", help="a sentence printed under the table (conditions)")
+    p.add_argument("--section", default=NAME,
+                   help="the BENCHMARKS.md markers to write between (another machine's table)")
     args = p.parse_args(argv)
     runs = {}
     for seed in args.seeds:
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_write:
         targets = {str(seed): m["targets"] for seed, m in runs.items()}
-        harness.write_section(Path(args.output), NAME, text, targets)
+        harness.write_section(Path(args.output), args.section, text, targets)
     return 0 if all(all(m["targets"].values()) for m in runs.values()) else 1
 
 

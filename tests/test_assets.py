@@ -736,7 +736,36 @@ def test_build_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert recipe.build_precision(BuildConfig(precision="bf16")) == "bf16"
     # on this machine: what the CPU reports
     monkeypatch.undo()
-    assert recipe.native_bf16("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    flags = recipe.cpu_flags()
+    if flags is None:  # not x86 Linux: oneDNN's answer
+        assert recipe.native_bf16("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else:
+        assert recipe.native_bf16("cpu") == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_native_bf16_reads_the_cpu_flags_not_onednn(monkeypatch, tmp_path):
+    """oneDNN says bf16 on any AVX-512 CPU; without AVX-512 BF16 or AMX it emulates it (a matmul
+    5x slower than float32 on such an Intel Xeon), so the build must run in float32 there."""
+    from minigpt4_lite.toyworld import recipe
+
+    skylake = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n"
+    cpus = {"avx512 only": (skylake, False),
+            "avx512 bf16": (skylake.replace("avx512vl", "avx512vl avx512_bf16"), True),
+            "amx": (skylake.replace("avx512vl", "amx_bf16 amx_tile"), True),
+            "avx2 only": ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n", False)}
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    for name, (text, native) in cpus.items():
+        (tmp_path / name).write_text(text)
+        monkeypatch.setattr(recipe, "cpu_flags",
+                            lambda path=str(tmp_path / name), f=recipe.cpu_flags: f(path))
+        assert recipe.native_bf16("cpu") is native, name
+        assert recipe.build_precision(BuildConfig()) == ("bf16" if native else "fp32"), name
+    # no flags line (an ARM CPU's "Features") or no /proc/cpuinfo: oneDNN's answer
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert recipe.cpu_flags(str(tmp_path / "arm")) is None
+    assert recipe.cpu_flags(str(tmp_path / "absent")) is None
+    monkeypatch.setattr(recipe, "cpu_flags", lambda: None)
+    assert recipe.native_bf16("cpu") is True
 
 
 @pytest.mark.slow
