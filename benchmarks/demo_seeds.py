@@ -80,10 +80,12 @@ def ceiling(n_eval: int = 200) -> dict:
     return slot_ceiling(model, tw.make_scenes("heldout", n_eval))
 
 
-def render(runs: dict[int, dict], machine: str, command: str, top: dict | None = None) -> str:
+def render(runs: dict[int, dict], machine: str, command: str, top: dict | None = None,
+           title: str = "") -> str:
     """Markdown: one row per seed, the range over seeds, the targets per seed, the LLM ceiling."""
     head = "| seed | " + " | ".join(COLUMNS) + " | targets met |"
-    lines = [f"## The demo over {len(runs)} seeds (`benchmarks/demo_seeds.py`)", "",
+    title = title or f"The demo over {len(runs)} seed{'s' if len(runs) > 1 else ''}"
+    lines = [f"## {title} (`benchmarks/demo_seeds.py`)", "",
              f"Machine: {machine}. Command: `{command}`. "
              f"Date: {datetime.date.today().isoformat()}. 200 held-out scenes, greedy; Q&A "
              "scored strictly (the first value of the asked kind that the answer names; a "
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="a sentence printed under the table (conditions)")
     p.add_argument("--section", default=NAME,
                    help="the BENCHMARKS.md markers to write between (another machine's table)")
+    p.add_argument("--title", default="", help="the section's heading (default: the seeds)")
     args = p.parse_args(argv)
     runs = {}
     for seed in args.seeds:
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: {json.dumps({n: get(runs[seed]) for n, get in COLUMNS.items()})}",
               flush=True)
     text = render(runs, harness.machine_line(harness.machine_info("cpu")),
-                  harness.command_line("demo_seeds.py", argv), ceiling())
+                  harness.command_line("demo_seeds.py", argv), ceiling(), args.title)
     if args.note:
         text += f"\n{args.note}\n"
     print(text)
