@@ -754,16 +754,16 @@ def test_native_bf16_reads_the_cpu_flags_not_onednn(monkeypatch, tmp_path):
             "amx": (skylake.replace("avx512vl", "amx_bf16 amx_tile"), True),
             "avx2 only": ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n", False)}
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    read_flags = recipe.cpu_flags
     for name, (text, native) in cpus.items():
         (tmp_path / name).write_text(text)
-        monkeypatch.setattr(recipe, "cpu_flags",
-                            lambda path=str(tmp_path / name), f=recipe.cpu_flags: f(path))
+        monkeypatch.setattr(recipe, "cpu_flags", lambda path=str(tmp_path / name): read_flags(path))
         assert recipe.native_bf16("cpu") is native, name
         assert recipe.build_precision(BuildConfig()) == ("bf16" if native else "fp32"), name
     # no flags line (an ARM CPU's "Features") or no /proc/cpuinfo: oneDNN's answer
     (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
-    assert recipe.cpu_flags(str(tmp_path / "arm")) is None
-    assert recipe.cpu_flags(str(tmp_path / "absent")) is None
+    assert read_flags(str(tmp_path / "arm")) is None
+    assert read_flags(str(tmp_path / "absent")) is None
     monkeypatch.setattr(recipe, "cpu_flags", lambda: None)
     assert recipe.native_bf16("cpu") is True
 
