@@ -745,7 +745,7 @@ def test_build_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
 
 def test_native_bf16_reads_the_cpu_flags_not_onednn(monkeypatch, tmp_path):
     """oneDNN says bf16 on any AVX-512 CPU; without AVX-512 BF16 or AMX it emulates it (a matmul
-    5x slower than float32 on such an Intel Xeon), so the build must run in float32 there."""
+    about 4x slower than float32 on such an Intel Xeon), so the build must run in float32 there."""
     from minigpt4_lite.toyworld import recipe
 
     skylake = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n"
